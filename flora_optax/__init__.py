@@ -1,0 +1,26 @@
+"""flora_optax: optimizer states compressed by random projections, for Optax.
+
+Flora (Hao, Cao and Mou, ICML 2024) keeps the momentum and the gradient
+accumulator of every matrix as a random sketch ``G Pᵀ`` of size
+``r·max(n, m)`` instead of ``n·m``, regenerating ``P`` from a key.
+"""
+
+from flora_optax._alias import flora as flora
+from flora_optax._momentum import CompressedMomentumState as CompressedMomentumState
+from flora_optax._momentum import TransferStabilityWarning as TransferStabilityWarning
+from flora_optax._momentum import compressed_momentum as compressed_momentum
+from flora_optax._projection import DimensionNumbers as DimensionNumbers
+from flora_optax._projection import LeafPlan as LeafPlan
+from flora_optax._projection import Projector as Projector
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'CompressedMomentumState',
+    'DimensionNumbers',
+    'LeafPlan',
+    'Projector',
+    'TransferStabilityWarning',
+    'compressed_momentum',
+    'flora',
+]

@@ -1,0 +1,122 @@
+"""The ``flora`` optimizer: Adafactor whose momentum is Flora-compressed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+from flora_optax._momentum import compressed_momentum
+from flora_optax._projection import (DimensionNumbersSpec, Projection, RankFn,
+                                     Side, Transfer)
+
+
+def flora(
+    learning_rate: optax.ScalarOrSchedule | None,
+    rank: int | RankFn,
+    *,
+    resample_every: int | None = 1000,
+    momentum: float | None = 0.9,
+    key: Any = 0,
+    nesterov: bool = False,
+    min_dim_size_to_factor: int = 128,
+    decay_rate: float = 0.8,
+    decay_offset: int = 0,
+    multiply_by_parameter_scale: bool = True,
+    clipping_threshold: float | None = 1.0,
+    dtype_momentum: Any = jnp.float32,
+    weight_decay_rate: float | None = None,
+    eps: float = 1e-30,
+    factored: bool = True,
+    weight_decay_mask: Any = None,
+    projection: Projection = 'gaussian',
+    side: Side = 'smaller',
+    dimension_numbers: DimensionNumbersSpec = None,
+    transfer: Transfer = 'unbiased',
+) -> optax.GradientTransformationExtraArgs:
+  """Adafactor with Flora-compressed momentum.
+
+  The chain is ``scale_by_factored_rms`` → :func:`compressed_momentum` →
+  ``clip_by_block_rms`` → learning rate → parameter scale → decayed weights →
+  sign flip. The second moment is Adafactor's factored one (never randomly
+  projected: a projected second moment can go negative); the first moment of
+  every matrix is kept as an ``r·max(n, m)`` sketch instead of ``n·m``.
+  Arguments shared with ``optax.adafactor`` have its names and defaults.
+
+  Args:
+    learning_rate: a float or an ``optax`` schedule; ``None`` leaves updates
+      unscaled (as in ``optax.adafactor``).
+    rank: the rank of the momentum sketches: an int or a callable ``(path,
+      leaf) -> int | None`` (see :class:`Projector`).
+    resample_every: steps between fresh projections; ``None`` never resamples.
+    momentum: the momentum decay ``β``; ``None`` disables momentum (plain
+      Adafactor, nothing compressed).
+    key: an int seed, a typed key or raw ``uint32`` key data.
+    nesterov: Nesterov-style momentum output.
+    min_dim_size_to_factor: as in ``optax.adafactor``.
+    decay_rate: as in ``optax.adafactor``.
+    decay_offset: as in ``optax.adafactor``.
+    multiply_by_parameter_scale: as in ``optax.adafactor``.
+    clipping_threshold: as in ``optax.adafactor``.
+    dtype_momentum: dtype of the momentum sketches.
+    weight_decay_rate: as in ``optax.adafactor``.
+    eps: as in ``optax.adafactor``.
+    factored: as in ``optax.adafactor``.
+    weight_decay_mask: as in ``optax.adafactor``.
+    projection: ``'gaussian'``, ``'rademacher'`` or ``'orthogonal'``.
+    side: ``'smaller'`` or ``'larger'``.
+    dimension_numbers: the matrix view of higher-rank leaves.
+    transfer: ``'unbiased'``, ``'projected'`` or ``'reset'`` (see
+      :func:`compressed_momentum`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import flora_optax
+    >>> params = {'w': jnp.ones((256, 128)), 'b': jnp.zeros((128,))}
+    >>> opt = flora_optax.flora(learning_rate=1e-2, rank=16)
+    >>> state = opt.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = opt.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> params['w'].shape
+    (256, 128)
+
+  References:
+    Hao, Cao and Mou, `Flora: Low-Rank Adapters Are Secretly Gradient
+    Compressors <https://arxiv.org/abs/2402.03293>`_, ICML 2024.
+
+    Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear
+    Memory Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
+  """
+  tx = [
+      optax.scale_by_factored_rms(factored, decay_rate, decay_offset,
+                                  min_dim_size_to_factor, eps)
+  ]
+  if momentum is not None:
+    tx.append(
+        compressed_momentum(
+            rank,
+            decay=momentum,
+            resample_every=resample_every,
+            nesterov=nesterov,
+            key=key,
+            accumulator_dtype=dtype_momentum,
+            projection=projection,
+            side=side,
+            dimension_numbers=dimension_numbers,
+            transfer=transfer))
+  if clipping_threshold is not None:
+    tx.append(optax.clip_by_block_rms(clipping_threshold))
+  if learning_rate is not None:
+    tx.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
+  if multiply_by_parameter_scale:
+    tx.append(optax.scale_by_param_block_rms())
+  if weight_decay_rate is not None:
+    tx.append(optax.add_decayed_weights(weight_decay_rate,
+                                        mask=weight_decay_mask))
+  tx.append(optax.scale(-1))
+  return optax.chain(*tx)

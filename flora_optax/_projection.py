@@ -1,0 +1,458 @@
+"""Random projections regenerated from keys: the building block of Flora.
+
+A leaf ``G`` is viewed as a matrix, or a batch of matrices, ``(..., n, m)``.
+One of the two matrix axes (size ``d``) is compressed to ``r``:
+
+* last axis: ``C = G Pᵀ`` (``n×r``), ``Ĝ = C P``;
+* second-last axis: ``C = P G`` (``r×m``), ``Ĝ = Pᵀ C``;
+
+with ``P ∈ R^{r×d}`` drawn from a key such that ``E[Pᵀ P] = I``, so that
+``Ĝ`` is an unbiased estimate of ``G``. Only keys are kept, never ``P``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flora_optax import _keys
+
+PROJECTIONS = ('gaussian', 'rademacher', 'orthogonal')
+SIDES = ('smaller', 'larger')
+TRANSFERS = ('unbiased', 'projected', 'reset')
+
+Projection = Literal['gaussian', 'rademacher', 'orthogonal']
+Side = Literal['smaller', 'larger']
+Transfer = Literal['unbiased', 'projected', 'reset']
+KeyPath = tuple[Any, ...]
+RankFn = Callable[[KeyPath, Any], Union[int, None]]
+
+
+class DimensionNumbers(NamedTuple):
+  """Which axes of a leaf form the rows and the columns of its matrix view.
+
+  The same idea as ``optax.contrib.GaLoreDimensionNumbers``: a tensor that is
+  logically a linear map but stored with more axes, e.g. an attention kernel
+  ``(embed, heads, head_dim)``, is viewed as ``embed × (heads·head_dim)`` with
+  ``DimensionNumbers(reduction_axis=0, output_axis=(1, 2))``. Axes named in
+  neither field are batch axes: every batch element gets its own projection.
+
+  Attributes:
+    reduction_axis: axis or axes forming the rows (``n``) of the matrix view.
+    output_axis: axis or axes forming the columns (``m``).
+  """
+
+  reduction_axis: int | Sequence[int] = 0
+  output_axis: int | Sequence[int] = 1
+
+
+DimensionNumbersSpec = Union[
+    None, DimensionNumbers, Callable[[KeyPath, Any], Union[DimensionNumbers,
+                                                           None]], Any]
+
+_LETTERS = 'abcdefghijklmnopqrstuvwxyz'
+_R, _R2 = 'Y', 'Z'  # einsum labels of the rank axis (old and new)
+
+
+def _is_dn_leaf(x) -> bool:
+  return x is None or isinstance(x, DimensionNumbers)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """How one leaf is compressed: a static description computed from shapes.
+
+  ``rank is None`` means the leaf is kept dense (exact). Otherwise the axes in
+  ``compress_axes`` (size ``d`` together) are replaced by one axis of size
+  ``rank`` placed where the first of them was; ``batch_axes`` each get their
+  own projection.
+  """
+
+  shape: tuple[int, ...]
+  rank: int | None = None
+  compress_axes: tuple[int, ...] = ()
+  batch_axes: tuple[int, ...] = ()
+
+  @property
+  def dense(self) -> bool:
+    return self.rank is None
+
+  @property
+  def d(self) -> int:
+    return math.prod(self.shape[a] for a in self.compress_axes)
+
+  @property
+  def sketch_shape(self) -> tuple[int, ...]:
+    if self.dense:
+      return self.shape
+    out = []
+    for i, s in enumerate(self.shape):
+      if i == self.compress_axes[0]:
+        out.append(self.rank)
+      elif i not in self.compress_axes:
+        out.append(s)
+    return tuple(out)
+
+  # --- einsum subscripts -------------------------------------------------
+  def _labels(self) -> str:
+    return _LETTERS[:len(self.shape)]
+
+  def _p_labels(self, r: str = _R) -> str:
+    lab = self._labels()
+    return (''.join(lab[a] for a in self.batch_axes) + r +
+            ''.join(lab[a] for a in self.compress_axes))
+
+  def _s_labels(self, r: str = _R) -> str:
+    lab = self._labels()
+    out = ''
+    for i in range(len(self.shape)):
+      if i == self.compress_axes[0]:
+        out += r
+      elif i not in self.compress_axes:
+        out += lab[i]
+    return out
+
+  def _rr_labels(self) -> str:
+    lab = self._labels()
+    return ''.join(lab[a] for a in self.batch_axes) + _R + _R2
+
+  # --- operations with explicit projections ------------------------------
+  def projection(self, key: jax.Array, projection: Projection,
+                 dtype: Any = jnp.float32) -> jax.Array:
+    """Draws ``P`` with shape ``(*batch, r, *compressed)`` from a typed key."""
+    batch = tuple(self.shape[a] for a in self.batch_axes)
+    comp = tuple(self.shape[a] for a in self.compress_axes)
+    r, d = self.rank, self.d
+    if projection == 'gaussian':
+      p = jax.random.normal(key, (*batch, r, d), dtype) / np.sqrt(r)
+    elif projection == 'rademacher':
+      p = jax.random.rademacher(key, (*batch, r, d), dtype) / np.sqrt(r)
+    else:  # orthogonal: sqrt(d/r) times r orthonormal rows.
+      g = jax.random.normal(key, (*batch, d, r), dtype)
+      q, _ = jnp.linalg.qr(g)
+      p = jnp.swapaxes(q, -1, -2) * np.sqrt(d / r).astype(dtype)
+    return p.reshape(*batch, r, *comp)
+
+  def compress(self, g: jax.Array, p: jax.Array) -> jax.Array:
+    return jnp.einsum(f'{self._labels()},{self._p_labels()}->{self._s_labels()}',
+                      g, p)
+
+  def decompress(self, c: jax.Array, p: jax.Array) -> jax.Array:
+    return jnp.einsum(f'{self._s_labels()},{self._p_labels()}->{self._labels()}',
+                      c, p)
+
+  def transfer(self, c: jax.Array, p_old: jax.Array, p_new: jax.Array,
+               method: Transfer = 'unbiased') -> jax.Array:
+    """Moves a sketch from ``p_old`` to ``p_new`` through an ``r×r`` matrix."""
+    if method == 'reset':
+      return jnp.zeros_like(c)
+    # T = P_old P_newᵀ (batch, r, r): the full-size matrix is never formed.
+    t = jnp.einsum(f'{self._p_labels(_R)},{self._p_labels(_R2)}->'
+                   f'{self._rr_labels()}', p_old, p_new)
+    if method == 'projected':
+      # Least-squares re-projection: C' = C P_old pinv(P_new), where
+      # pinv(P) = Pᵀ (P Pᵀ)⁻¹. It projects the carried momentum onto the new
+      # row space, which never increases its norm.
+      gram = jnp.einsum(f'{self._p_labels(_R)},{self._p_labels(_R2)}->'
+                        f'{self._rr_labels()}', p_new, p_new)
+      t = jnp.swapaxes(jnp.linalg.solve(gram, jnp.swapaxes(t, -1, -2)), -1,
+                       -2)
+    return jnp.einsum(f'{self._s_labels(_R)},{self._rr_labels()}->'
+                      f'{self._s_labels(_R2)}', c, t)
+
+
+# --- argument checks ---------------------------------------------------------
+
+
+def check_rank(rank: Any) -> None:
+  if callable(rank):
+    return
+  if isinstance(rank, (jax.Array, np.ndarray)):
+    raise TypeError(
+        '`rank` must be a Python int or a callable (path, leaf) -> int | None, '
+        f'got an array ({rank!r}). It sets state shapes, so it must be static: '
+        "under optax.inject_hyperparams pass static_args=('rank',).")
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+    raise TypeError('`rank` must be a positive int or a callable '
+                    f'(path, leaf) -> int | None, got {rank!r}.')
+  if rank <= 0:
+    raise ValueError(f'`rank` must be a positive int, got {rank}.')
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(f'`{name}` must be one of {list(choices)}, got {value!r}.')
+
+
+def check_dimension_numbers(dn: Any) -> None:
+  if dn is None or callable(dn) and not isinstance(dn, DimensionNumbers):
+    return
+  if isinstance(dn, DimensionNumbers):
+    for field in dn:
+      axes = (field,) if isinstance(field, (int, np.integer)) else field
+      if not isinstance(axes, Sequence) or not axes or not all(
+          isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+          for a in axes):
+        raise TypeError(
+            '`dimension_numbers` axes must be ints or non-empty sequences of '
+            f'ints, got {dn}.')
+    return
+  # Otherwise a pytree of DimensionNumbers | None, checked against the params
+  # at init.
+  for leaf in jax.tree.leaves(dn, is_leaf=_is_dn_leaf):
+    if not _is_dn_leaf(leaf):
+      raise TypeError(
+          '`dimension_numbers` must be None, a DimensionNumbers, a callable '
+          '(path, leaf) -> DimensionNumbers | None, or a pytree of those '
+          f'matching the params; found a leaf {leaf!r}.')
+    if leaf is not None:
+      check_dimension_numbers(leaf)
+
+
+def _leaf_name(path) -> str:
+  return jax.tree_util.keystr(path) or '<root>'
+
+
+def _normalize_axes(field, ndim: int, path) -> tuple[int, ...]:
+  axes = (field,) if isinstance(field, (int, np.integer)) else tuple(field)
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f'`dimension_numbers` axis {a} is out of range for leaf '
+          f'{_leaf_name(path)} with {ndim} axes.')
+    out.append(int(a) % ndim)
+  return tuple(out)
+
+
+class Projector:
+  """Compresses pytrees with random projections regenerated from keys.
+
+  Each leaf is viewed as a matrix (or a batch of matrices, see
+  :class:`DimensionNumbers`) and one of its two matrix axes, of size ``d``, is
+  compressed to ``r``. Scalars, vectors and leaves whose compressed axis is not
+  larger than an int ``rank`` stay dense (passed through exactly). Every
+  projection is redrawn from ``fold_in(key, leaf_id)`` where it is needed;
+  nothing but the key is kept.
+
+  Args:
+    rank: the rank ``r``: a positive int, or a callable ``(path, leaf) -> int
+      | None`` giving each leaf's rank (``None`` keeps it dense). A rank from a
+      callable is applied as given whenever ``1 <= r <= d``, so ``r == d`` with
+      ``projection='orthogonal'`` is an exact path; ``r > d`` is an error.
+    projection: ``'gaussian'`` (i.i.d. ``N(0, 1/r)``, the paper's),
+      ``'rademacher'`` (``±1/sqrt(r)``) or ``'orthogonal'`` (``sqrt(d/r)``
+      times ``r`` orthonormal rows; the identity when ``r == d``). All satisfy
+      ``E[Pᵀ P] = I``.
+    side: ``'smaller'`` compresses the smaller matrix axis (state ``r·max(n,
+      m)``, lower variance, the paper's choice); ``'larger'`` the larger one
+      (state ``r·min(n, m)``). Ties compress the last axis.
+    dimension_numbers: the matrix view of leaves with more than two axes.
+      ``None``: the last two axes form the matrix, leading axes are batch axes.
+      A :class:`DimensionNumbers` applies to every leaf with two or more axes;
+      a pytree of ``DimensionNumbers | None`` matching the params, or a
+      callable ``(path, leaf) -> DimensionNumbers | None``, chooses per leaf
+      (``None`` there keeps the leaf dense).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import flora_optax
+    >>> proj = flora_optax.Projector(rank=4)
+    >>> grads = {'w': jnp.ones((16, 32)), 'b': jnp.ones((32,))}
+    >>> key = jax.random.key(0)
+    >>> sketch = proj.compress(grads, key)
+    >>> jax.tree.map(jnp.shape, sketch)
+    {'b': (32,), 'w': (4, 32)}
+    >>> approx = proj.decompress(sketch, key, like=grads)
+    >>> jax.tree.map(jnp.shape, approx)
+    {'b': (32,), 'w': (16, 32)}
+
+  References:
+    Hao, Cao and Mou, `Flora: Low-Rank Adapters Are Secretly Gradient
+    Compressors <https://arxiv.org/abs/2402.03293>`_, ICML 2024.
+  """
+
+  def __init__(self,
+               rank: int | RankFn,
+               *,
+               projection: Projection = 'gaussian',
+               side: Side = 'smaller',
+               dimension_numbers: DimensionNumbersSpec = None):
+    check_rank(rank)
+    check_choice(projection, 'projection', PROJECTIONS)
+    check_choice(side, 'side', SIDES)
+    check_dimension_numbers(dimension_numbers)
+    self.rank = rank
+    self.projection = projection
+    self.side = side
+    self.dimension_numbers = dimension_numbers
+
+  def __repr__(self) -> str:
+    return (f'Projector(rank={self.rank!r}, projection={self.projection!r}, '
+            f'side={self.side!r}, dimension_numbers={self.dimension_numbers!r})')
+
+  # --- planning ------------------------------------------------------------
+  def _plan_leaf(self, path, leaf, dn, dn_given: bool) -> LeafPlan:
+    shape = tuple(int(s) for s in np.shape(leaf))
+    dtype = jnp.result_type(leaf.dtype) if hasattr(leaf, 'dtype') else None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      kind = 'complex' if dtype is not None and jnp.issubdtype(
+          dtype, jnp.complexfloating) else str(dtype)
+      raise TypeError(
+          f'Leaf {_leaf_name(path)} has dtype {kind}; flora_optax handles real '
+          'floating-point leaves only (float16, bfloat16, float32, float64). '
+          'Keep other leaves out of the optimizer with optax.masked or '
+          'optax.partition.')
+    ndim = len(shape)
+    if ndim < 2 or (dn_given and dn is None):
+      return LeafPlan(shape)
+    if dn is None:
+      rows, cols = (ndim - 2,), (ndim - 1,)
+    else:
+      rows = _normalize_axes(dn.reduction_axis, ndim, path)
+      cols = _normalize_axes(dn.output_axis, ndim, path)
+      if set(rows) & set(cols) or len(set(rows)) != len(rows) or len(
+          set(cols)) != len(cols):
+        raise ValueError(
+            f'`dimension_numbers` {dn} names an axis twice for leaf '
+            f'{_leaf_name(path)} of shape {shape}.')
+    n = math.prod(shape[a] for a in rows)
+    m = math.prod(shape[a] for a in cols)
+    smaller_is_rows = n < m
+    use_rows = smaller_is_rows if self.side == 'smaller' else (n > m)
+    comp = rows if use_rows else cols
+    d = n if use_rows else m
+    batch = tuple(a for a in range(ndim) if a not in rows and a not in cols)
+    if callable(self.rank):
+      r = self.rank(path, leaf)
+      if r is None:
+        return LeafPlan(shape)
+      if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+        raise TypeError(f'The `rank` callable returned {r!r} for leaf '
+                        f'{_leaf_name(path)}; it must return an int or None.')
+      if not 1 <= r <= d:
+        raise ValueError(
+            f'The `rank` callable returned {r} for leaf {_leaf_name(path)} '
+            f'whose compressed axis has size {d}; accepted: 1 <= rank <= {d}, '
+            'or None to keep the leaf dense.')
+    else:
+      r = self.rank
+      if d <= r:
+        return LeafPlan(shape)
+    return LeafPlan(shape, int(r), tuple(sorted(comp)), batch)
+
+  def plan(self, like: Any) -> Any:
+    """The :class:`LeafPlan` of every leaf of ``like`` (arrays or shapes)."""
+    dn = self.dimension_numbers
+    if dn is None or isinstance(dn, DimensionNumbers):
+      return jax.tree_util.tree_map_with_path(
+          lambda p, x: self._plan_leaf(p, x, dn, False), like)
+    if callable(dn):
+      return jax.tree_util.tree_map_with_path(
+          lambda p, x: self._plan_leaf(p, x, dn(p, x), True), like)
+    try:
+      return jax.tree_util.tree_map_with_path(
+          lambda p, d, x: self._plan_leaf(p, x, d, True), dn, like,
+          is_leaf=_is_dn_leaf)
+    except ValueError as e:
+      if 'Custom node type mismatch' in str(e) or 'structure' in str(e):
+        raise ValueError(
+            '`dimension_numbers` as a pytree must match the structure of the '
+            f'params: {e}') from e
+      raise
+
+  def sketch_shapes(self, like: Any, dtype: Any = None) -> Any:
+    """``jax.ShapeDtypeStruct``s of the sketches of ``like``."""
+    return jax.tree.map(
+        lambda pl, x: jax.ShapeDtypeStruct(pl.sketch_shape, dtype or x.dtype),
+        self.plan(like), like)
+
+  # --- tree operations ---------------------------------------------------
+  def _compute_dtype(self, x) -> Any:
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+  def compress(self, tree: Any, key: jax.Array) -> Any:
+    """Compresses every leaf: ``G Pᵀ`` or ``P G`` (dense leaves unchanged).
+
+    Args:
+      tree: a pytree of full-size arrays (e.g. gradients).
+      key: a typed key or raw key data; leaf keys are ``fold_in(key,
+        leaf_id)``.
+
+    Returns:
+      The sketches, computed in at least float32.
+    """
+    key = _as_typed(key)
+
+    def f(path, plan, g):
+      if plan.dense:
+        return g
+      dt = self._compute_dtype(g)
+      p = plan.projection(_keys.leaf_key(key, path), self.projection, dt)
+      return plan.compress(g.astype(dt), p)
+
+    return jax.tree_util.tree_map_with_path(f, self.plan(tree), tree)
+
+  def decompress(self, sketches: Any, key: jax.Array, like: Any) -> Any:
+    """Maps sketches back to full size: ``C P`` or ``Pᵀ C``.
+
+    Args:
+      sketches: the output of :meth:`compress` (or a sum of such outputs).
+      key: the key they were compressed with.
+      like: the full-size tree (arrays or ``jax.ShapeDtypeStruct``s).
+
+    Returns:
+      A tree with the shapes of ``like``, in the sketches' dtype.
+    """
+    key = _as_typed(key)
+
+    def f(path, plan, c):
+      if plan.dense:
+        return c
+      p = plan.projection(_keys.leaf_key(key, path), self.projection,
+                          self._compute_dtype(c))
+      return plan.decompress(c, p)
+
+    return jax.tree_util.tree_map_with_path(f, self.plan(like), sketches)
+
+  def transfer(self,
+               sketches: Any,
+               old_key: jax.Array,
+               new_key: jax.Array,
+               like: Any,
+               *,
+               method: Transfer = 'unbiased') -> Any:
+    """Re-expresses sketches made with ``old_key`` in ``new_key``'s projection.
+
+    ``method='unbiased'`` gives ``compress_new(decompress_old(C))``, computed
+    through the ``r×r`` product ``P_old P_newᵀ``; ``'projected'`` uses the
+    pseudo-inverse of ``P_new`` instead (a contraction, biased by ``r/d``);
+    ``'reset'`` returns zeros.
+    """
+    check_choice(method, 'method', TRANSFERS)
+    old_key, new_key = _as_typed(old_key), _as_typed(new_key)
+
+    def f(path, plan, c):
+      if plan.dense:
+        return c
+      dt = self._compute_dtype(c)
+      p_old = plan.projection(_keys.leaf_key(old_key, path), self.projection,
+                              dt)
+      p_new = plan.projection(_keys.leaf_key(new_key, path), self.projection,
+                              dt)
+      return plan.transfer(c.astype(dt), p_old, p_new, method)
+
+    return jax.tree_util.tree_map_with_path(f, self.plan(like), sketches)
+
+
+def _as_typed(key: Any) -> jax.Array:
+  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
+      key.dtype, jax.dtypes.prng_key):
+    return key
+  return _keys.wrap(_keys.key_data(key))
