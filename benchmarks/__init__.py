@@ -1,0 +1,1 @@
+"""flora_optax benchmarks: memory, speed and quality against optax's optimizers."""

@@ -1,0 +1,141 @@
+"""Shared pieces of the benchmarks: model shapes, byte counts, compiled memory
+and interleaved timing. Every figure is measured against a baseline in the
+same process (these machines are noisy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), 'results')
+
+
+def gpt2_shapes(size: str = 'small') -> dict[str, Any]:
+  """The parameter shapes of GPT-2 (HF layout: Conv1D kernels are in×out).
+
+  Args:
+    size: 'small' (124M), 'medium' (355M), or 'tiny' (a 2-layer, 128-wide
+      stand-in with the same structure for smoke tests).
+
+  Returns:
+    A nested dict of ``jax.ShapeDtypeStruct`` (float32).
+  """
+  cfg = {
+      'small': (12, 768, 50257, 1024),
+      'medium': (24, 1024, 50257, 1024),
+      'tiny': (2, 128, 1000, 128),
+  }[size]
+  n_layer, d, vocab, n_pos = cfg
+  f = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  block = {
+      'ln_1': {'scale': f(d), 'bias': f(d)},
+      'attn': {'c_attn': {'kernel': f(d, 3 * d), 'bias': f(3 * d)},
+               'c_proj': {'kernel': f(d, d), 'bias': f(d)}},
+      'ln_2': {'scale': f(d), 'bias': f(d)},
+      'mlp': {'c_fc': {'kernel': f(d, 4 * d), 'bias': f(4 * d)},
+              'c_proj': {'kernel': f(4 * d, d), 'bias': f(d)}},
+  }
+  return {
+      'wte': f(vocab, d),
+      'wpe': f(n_pos, d),
+      'h': {str(i): block for i in range(n_layer)},
+      'ln_f': {'scale': f(d), 'bias': f(d)},
+  }
+
+
+def random_like(shapes: Any, seed: int = 0, scale: float = 0.02) -> Any:
+  """Random arrays with the given shapes (values do not matter for memory)."""
+  leaves, treedef = jax.tree.flatten(shapes)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      scale * jax.random.normal(k, s.shape, s.dtype)
+      for k, s in zip(keys, leaves)
+  ])
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of all array leaves (typed keys count their key data)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    if hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype,
+                                                      jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if hasattr(x, 'shape') and hasattr(x, 'dtype'):
+      total += int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def state_bytes(tx, params_shapes: Any) -> int:
+  """Optimizer-state bytes, from shapes only (nothing is allocated)."""
+  return tree_bytes(jax.eval_shape(tx.init, params_shapes))
+
+
+def compiled_memory(fn: Callable, *args, **jit_kwargs) -> dict[str, int]:
+  """Compiled memory figures of ``jax.jit(fn)(*args)`` (args may be shapes).
+
+  Returns:
+    argument, output, temp, alias and generated-code bytes and ``peak``
+    (arguments + outputs + temporaries - aliased).
+  """
+  compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
+  m = compiled.memory_analysis()
+  out = {
+      'argument_bytes': int(m.argument_size_in_bytes),
+      'output_bytes': int(m.output_size_in_bytes),
+      'temp_bytes': int(m.temp_size_in_bytes),
+      'alias_bytes': int(m.alias_size_in_bytes),
+  }
+  out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes'] +
+                       out['temp_bytes'] - out['alias_bytes'])
+  return out
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,
+                      warmup: int = 1) -> dict[str, float]:
+  """Median wall time (seconds) of each thunk, run round-robin.
+
+  Each thunk must block on its result (e.g. ``jax.block_until_ready``).
+  Interleaving spreads the machine's noise over all candidates alike.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def mib(n: float) -> float:
+  return n / 2**20
+
+
+def write_results(name: str, payload: Any, markdown: str) -> tuple[str, str]:
+  """Writes ``results/<name>.json`` and ``results/<name>.md``."""
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  jpath = os.path.join(RESULTS_DIR, f'{name}.json')
+  mpath = os.path.join(RESULTS_DIR, f'{name}.md')
+  with open(jpath, 'w') as f:
+    json.dump(payload, f, indent=2, default=float)
+  with open(mpath, 'w') as f:
+    f.write(markdown)
+  return jpath, mpath
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  fmt = lambda v: f'{v:.3g}' if isinstance(v, float) else str(v)
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join('---' for _ in header) + '|']
+  lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in rows]
+  return '\n'.join(lines) + '\n'
