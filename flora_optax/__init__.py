@@ -6,6 +6,7 @@ accumulator of every matrix as a random sketch ``G Pᵀ`` of size
 """
 
 from flora_optax._alias import flora as flora
+from flora_optax._keys import cycle_key as cycle_key
 from flora_optax._momentum import CompressedMomentumState as CompressedMomentumState
 from flora_optax._momentum import TransferStabilityWarning as TransferStabilityWarning
 from flora_optax._momentum import compressed_momentum as compressed_momentum
@@ -22,5 +23,6 @@ __all__ = [
     'Projector',
     'TransferStabilityWarning',
     'compressed_momentum',
+    'cycle_key',
     'flora',
 ]

@@ -87,8 +87,37 @@ def leaf_key(step_key: jax.Array, path: Any) -> jax.Array:
   return jax.random.fold_in(step_key, leaf_id(path))
 
 
+_PURPOSES = {'momentum': MOMENTUM_PURPOSE, 'accumulation': ACCUMULATION_PURPOSE}
+
+
 def cycle_key(key: KeyLike, cycle: jax.typing.ArrayLike,
-              purpose: int) -> jax.Array:
-  """The typed key of one cycle of one purpose, from a user's key."""
+              purpose: str = 'momentum') -> jax.Array:
+  """The key that the optimizers pass to :class:`Projector` in one cycle.
+
+  With it, custom code reproduces the optimizers' projections exactly, e.g.
+  ``Projector(...).projections(params, cycle_key(key, 0))`` is the frozen
+  ``A`` of the LoRA that ``compressed_momentum(resample_every=None)``
+  equals.
+
+  Args:
+    key: the ``key`` given to the optimizer (int seed, typed key or raw
+      ``uint32`` key data).
+    cycle: the resample cycle of :func:`compressed_momentum` (``(t - 1) //
+      resample_every``) or the ``gradient_step`` of :class:`MultiSteps`.
+    purpose: ``'momentum'`` or ``'accumulation'``.
+
+  Returns:
+    A typed PRNG key.
+
+  Examples:
+    >>> import jax, flora_optax
+    >>> k = flora_optax.cycle_key(0, 3, purpose='accumulation')
+    >>> jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key)
+    True
+  """
+  if purpose not in _PURPOSES:
+    raise ValueError(f'`purpose` must be one of {list(_PURPOSES)}, got '
+                     f'{purpose!r}.')
   root = wrap(key_data(key))
-  return jax.random.fold_in(jax.random.fold_in(root, purpose), cycle)
+  return jax.random.fold_in(jax.random.fold_in(root, _PURPOSES[purpose]),
+                            cycle)

@@ -188,7 +188,6 @@ def compressed_momentum(
     del params, extra_args
     plans = projector.plan(updates)
     count = optax.safe_increment(state.count)
-    base = jax.random.fold_in(_keys.wrap(state.key), _keys.MOMENTUM_PURPOSE)
     if resample_every is None:
       cycle = jnp.zeros([], jnp.int32)
       new_cycle = jnp.zeros([], bool)
@@ -196,8 +195,8 @@ def compressed_momentum(
       k = jnp.asarray(resample_every, jnp.int32)
       cycle = (count - 1) // k
       new_cycle = (count > 1) & ((count - 1) % k == 0)
-    new_key = jax.random.fold_in(base, cycle)
-    old_key = jax.random.fold_in(base, cycle - 1)
+    new_key = _keys.cycle_key(state.key, cycle, 'momentum')
+    old_key = _keys.cycle_key(state.key, cycle - 1, 'momentum')
 
     def leaf(path, plan, g, m):
       dt = jnp.promote_types(g.dtype, jnp.float32)

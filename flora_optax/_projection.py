@@ -373,6 +373,23 @@ class Projector:
         lambda pl, x: jax.ShapeDtypeStruct(pl.sketch_shape, dtype or x.dtype),
         self.plan(like), like)
 
+  def projections(self, like: Any, key: jax.Array) -> Any:
+    """The projection matrix ``P`` of every compressed leaf (``None`` if dense).
+
+    ``P`` has shape ``(*batch, r, *compressed_axes)``. This is the frozen
+    ``A`` of the LoRA view: ``compress`` is ``G Aᵀ``. Only for inspection and
+    experiments; the optimizers never store it.
+    """
+    key = _as_typed(key)
+
+    def f(path, plan, x):
+      if plan.dense:
+        return None
+      return plan.projection(_keys.leaf_key(key, path), self.projection,
+                             self._compute_dtype(x))
+
+    return jax.tree_util.tree_map_with_path(f, self.plan(like), like)
+
   # --- tree operations ---------------------------------------------------
   def _compute_dtype(self, x) -> Any:
     return jnp.promote_types(x.dtype, jnp.float32)
