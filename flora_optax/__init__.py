@@ -5,6 +5,9 @@ accumulator of every matrix as a random sketch ``G Pᵀ`` of size
 ``r·max(n, m)`` instead of ``n·m``, regenerating ``P`` from a key.
 """
 
+from flora_optax._accumulation import MultiSteps as MultiSteps
+from flora_optax._accumulation import MultiStepsState as MultiStepsState
+from flora_optax._accumulation import accumulate_gradients as accumulate_gradients
 from flora_optax._alias import flora as flora
 from flora_optax._keys import cycle_key as cycle_key
 from flora_optax._momentum import CompressedMomentumState as CompressedMomentumState
@@ -13,6 +16,7 @@ from flora_optax._momentum import compressed_momentum as compressed_momentum
 from flora_optax._projection import DimensionNumbers as DimensionNumbers
 from flora_optax._projection import LeafPlan as LeafPlan
 from flora_optax._projection import Projector as Projector
+from flora_optax._sharding import state_shardings as state_shardings
 
 __version__ = '0.1.0'
 
@@ -20,9 +24,13 @@ __all__ = [
     'CompressedMomentumState',
     'DimensionNumbers',
     'LeafPlan',
+    'MultiSteps',
+    'MultiStepsState',
     'Projector',
     'TransferStabilityWarning',
+    'accumulate_gradients',
     'compressed_momentum',
     'cycle_key',
     'flora',
+    'state_shardings',
 ]
