@@ -7,9 +7,9 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from flora_optax._momentum import compressed_momentum
+from flora_optax._momentum import check_decay, compressed_momentum
 from flora_optax._projection import (DimensionNumbersSpec, Projection, RankFn,
-                                     Side, Transfer)
+                                     Side, Transfer, check_like_params)
 
 
 def flora(
@@ -92,6 +92,16 @@ def flora(
     Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear
     Memory Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
+  # Checked here so that errors name flora's arguments, not the inner ones.
+  if momentum is not None:
+    check_decay(momentum, 'momentum')
+    try:
+      floating = jnp.issubdtype(jnp.dtype(dtype_momentum), jnp.floating)
+    except TypeError:
+      floating = False
+    if not floating:
+      raise TypeError('`dtype_momentum` must be a floating dtype, got '
+                      f'{dtype_momentum!r}.')
   tx = [
       optax.scale_by_factored_rms(factored, decay_rate, decay_offset,
                                   min_dim_size_to_factor, eps)
@@ -119,4 +129,13 @@ def flora(
     tx.append(optax.add_decayed_weights(weight_decay_rate,
                                         mask=weight_decay_mask))
   tx.append(optax.scale(-1))
-  return optax.chain(*tx)
+  chain = optax.chain(*tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    # Adafactor's parts would fail on a mismatched tree with a bare
+    # broadcasting error, or broadcast silently: name the leaf instead.
+    if params is not None:
+      check_like_params(updates, params)
+    return chain.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)

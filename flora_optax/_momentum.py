@@ -40,11 +40,17 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def check_decay(decay: Any, name: str = 'decay') -> None:
   if isinstance(decay, bool) or not isinstance(
       decay, (int, float, np.number, jax.Array, np.ndarray)):
     raise TypeError(f'`{name}` must be a float in [0, 1), got {decay!r}.')
-  if _is_concrete(decay) and np.ndim(decay) == 0:
+  if np.ndim(decay) != 0:
+    raise ValueError(f'`{name}` must be a scalar in [0, 1), got shape '
+                     f'{np.shape(decay)}.')
+  if _is_concrete(decay):
     if not 0.0 <= float(decay) < 1.0:
       raise ValueError(f'`{name}` must be in [0, 1), got {float(decay)}.')
 
@@ -56,13 +62,17 @@ def check_resample_every(value: Any, name: str = 'resample_every') -> None:
       value, (int, np.integer, jax.Array, np.ndarray)):
     raise TypeError(f'`{name}` must be a positive int or None (never '
                     f'resample), got {value!r}.')
+  if np.ndim(value) != 0:
+    raise ValueError(f'`{name}` must be a scalar, got shape '
+                     f'{np.shape(value)}.')
   if isinstance(value, (jax.Array, np.ndarray)):
     if not jnp.issubdtype(value.dtype, jnp.integer) and _is_concrete(value):
       if float(value) != int(value):
         raise TypeError(f'`{name}` must be a positive int, got {value!r}.')
-  if _is_concrete(value) and np.ndim(value) == 0 and int(value) <= 0:
-    raise ValueError(f'`{name}` must be a positive int or None, got '
-                     f'{int(value)}.')
+  if _is_concrete(value) and not 0 < int(value) <= _INT32_MAX:
+    # The step counter is int32 (see the docstring's note on long runs).
+    raise ValueError(f'`{name}` must be a positive int at most 2**31 - 1, or '
+                     f'None (never resample), got {int(value)}.')
 
 
 def _warn_unstable(plans: Any, decay: Any, resample_every: Any,
@@ -171,8 +181,11 @@ def compressed_momentum(
   _keys.check_key(key)
   if not isinstance(nesterov, bool):
     raise TypeError(f'`nesterov` must be a bool, got {nesterov!r}.')
-  acc_dtype = jnp.dtype(accumulator_dtype)
-  if not jnp.issubdtype(acc_dtype, jnp.floating):
+  try:
+    acc_dtype = jnp.dtype(accumulator_dtype)
+  except TypeError:
+    acc_dtype = None
+  if acc_dtype is None or not jnp.issubdtype(acc_dtype, jnp.floating):
     raise TypeError('`accumulator_dtype` must be a floating dtype, got '
                     f'{accumulator_dtype!r}.')
 
@@ -185,8 +198,11 @@ def compressed_momentum(
         count=jnp.zeros([], jnp.int32), key=_keys.key_data(key), mu=mu)
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del extra_args
     plans = projector.plan(updates)
+    # Trace-time checks: a mismatched tree would broadcast silently.
+    _projection.check_sketches(plans, state.mu, 'momentum state', params)
+    del params
     count = optax.safe_increment(state.count)
     if resample_every is None:
       cycle = jnp.zeros([], jnp.int32)
@@ -194,7 +210,10 @@ def compressed_momentum(
     else:
       k = jnp.asarray(resample_every, jnp.int32)
       cycle = (count - 1) // k
-      new_cycle = (count > 1) & ((count - 1) % k == 0)
+      # A saturated counter (2**31 - 1) no longer advances: the cycle, and
+      # with it the projection, then stays fixed and nothing is transferred.
+      new_cycle = (count > state.count) & (count > 1) & (
+          (count - 1) % k == 0)
     new_key = _keys.cycle_key(state.key, cycle, 'momentum')
     old_key = _keys.cycle_key(state.key, cycle - 1, 'momentum')
 

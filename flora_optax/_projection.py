@@ -219,6 +219,79 @@ def _leaf_name(path) -> str:
   return jax.tree_util.keystr(path) or '<root>'
 
 
+def check_same_tree(tree: Any, init_tree: Any, what: str) -> None:
+  """Raises a ValueError naming the leaves when two trees' structures differ.
+
+  Runs at trace time: ``jax.tree.map`` would otherwise fail with a generic
+  message, or not at all when a container type alone differs.
+  """
+  if jax.tree.structure(tree) == jax.tree.structure(init_tree):
+    return
+  paths = lambda t: {_leaf_name(p) for p, _ in  # noqa: E731
+                     jax.tree_util.tree_leaves_with_path(t)}
+  got, want = paths(tree), paths(init_tree)
+  show = lambda xs: ', '.join(sorted(xs)[:5]) or 'none'  # noqa: E731
+  detail = (f'leaves missing: {show(want - got)}; unexpected leaves: '
+            f'{show(got - want)}')
+  if got == want:
+    detail = (f'same leaf paths but different containers: '
+              f'{jax.tree.structure(tree)} vs {jax.tree.structure(init_tree)}')
+  raise ValueError(f'The {what} tree does not have the structure of the params '
+                   f'given to init ({detail}).')
+
+
+def check_sketches(plans: Any,
+                   sketches: Any,
+                   what: str = 'state',
+                   params: Any = None) -> None:
+  """Checks at trace time that stored sketches fit the plans of an update.
+
+  An update whose leaf shapes differ from the params given to ``init`` would
+  otherwise broadcast silently or fail deep inside an einsum. A change of the
+  compressed axis alone keeps the sketch's shape; ``params``, when given with
+  the updates' structure, reveal it.
+
+  Args:
+    plans: the :class:`LeafPlan` tree of the incoming updates.
+    sketches: the tree held in the state (built at ``init``).
+    what: the name of that tree in the error message.
+    params: the ``params`` passed to ``update`` (or None).
+  """
+  check_same_tree(plans, sketches, 'updates')
+
+  def f(path, plan, s):
+    if tuple(s.shape) != plan.sketch_shape:
+      raise ValueError(
+          f'Leaf {_leaf_name(path)}: an update of shape {plan.shape} needs a '
+          f'{what} of shape {plan.sketch_shape}, but the {what} holds '
+          f'{tuple(s.shape)}. Updates must have the shapes of the params '
+          'given to init.')
+
+  jax.tree_util.tree_map_with_path(f, plans, sketches)
+  if params is not None and (jax.tree.structure(params) ==
+                             jax.tree.structure(plans)):
+    check_like_params(plans, params)
+
+
+def check_like_params(updates: Any, params: Any) -> None:
+  """Raises a ValueError naming the leaf where updates and params differ.
+
+  Args:
+    updates: the updates, or their :class:`LeafPlan` tree.
+    params: the params passed to ``update``.
+  """
+  check_same_tree(updates, params, 'updates')
+
+  def g(path, u, x):
+    shape = u.shape if isinstance(u, LeafPlan) else tuple(np.shape(u))
+    if tuple(shape) != tuple(np.shape(x)):
+      raise ValueError(
+          f'Leaf {_leaf_name(path)}: the update has shape {tuple(shape)} but '
+          f'the param has shape {tuple(np.shape(x))}.')
+
+  jax.tree_util.tree_map_with_path(g, updates, params)
+
+
 def _normalize_axes(field, ndim: int, path) -> tuple[int, ...]:
   axes = (field,) if isinstance(field, (int, np.integer)) else tuple(field)
   out = []
@@ -302,15 +375,17 @@ class Projector:
     shape = tuple(int(s) for s in np.shape(leaf))
     dtype = jnp.result_type(leaf.dtype) if hasattr(leaf, 'dtype') else None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-      kind = 'complex' if dtype is not None and jnp.issubdtype(
-          dtype, jnp.complexfloating) else str(dtype)
+      kind = (f'no dtype (it is a {type(leaf).__name__}, not an array)'
+              if dtype is None else f'dtype {dtype}')
       raise TypeError(
-          f'Leaf {_leaf_name(path)} has dtype {kind}; flora_optax handles real '
+          f'Leaf {_leaf_name(path)} has {kind}; flora_optax handles real '
           'floating-point leaves only (float16, bfloat16, float32, float64). '
           'Keep other leaves out of the optimizer with optax.masked or '
           'optax.partition.')
     ndim = len(shape)
-    if ndim < 2 or (dn_given and dn is None):
+    # An explicit DimensionNumbers for a scalar or vector can not fit: it is
+    # checked below (and refused) rather than silently ignored.
+    if (dn_given and dn is None) or (ndim < 2 and not dn_given):
       return LeafPlan(shape)
     if dn is None:
       rows, cols = (ndim - 2,), (ndim - 1,)
