@@ -1,0 +1,521 @@
+r"""Train a small GPT-style language model with Flora, on text that ships with Python.
+
+The model is a byte-level GPT (Flax NNX) trained on the Python reference
+manual (``pydoc_data``) and standard-library sources: nothing is downloaded.
+By default it trains ``flora_optax.flora`` and, for comparison, the same
+Adafactor with uncompressed momentum (``optax.adafactor(momentum=0.9)``), then
+prints the eval loss of both and a memory table (optimizer-state bytes and
+the peak memory of the compiled training step), and saves a loss-curve PNG.
+
+Run from the repository root::
+
+    python examples/train_lm.py                       # ~2-3 minutes on 2 CPU cores
+    python examples/train_lm.py --optimizers flora --steps 2000 --d-model 256
+    python examples/train_lm.py --accumulate 4 --accumulation-rank 8
+
+``--accumulate K`` takes K micro-batches per optimizer update, with
+``flora_optax.MultiSteps`` (a compressed accumulator) for the Flora optimizers
+and ``optax.MultiSteps`` for the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+try:  # run from a checkout without installing the package
+  import flora_optax  # pylint: disable=g-import-not-at-top
+except ImportError:
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import flora_optax  # pylint: disable=g-import-not-at-top
+
+OPTIMIZERS = ('flora', 'adafactor', 'adafactor_nomomentum', 'flora_frozen',
+              'lora')
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           'results', 'train_lm')
+
+# ----------------------------------------------------------------------------
+# The model: a byte-level GPT in Flax NNX, with optional LoRA adapters.
+# ----------------------------------------------------------------------------
+
+
+class Frozen(nnx.Variable):
+  """A weight that is not trained (LoRA's base kernels)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = data_lib.VOCAB_SIZE
+  seq_len: int = 128
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  lora_rank: int | None = None  # LoRA adapters on every Linear when set
+
+
+class Linear(nnx.Module):
+  """``x @ W + b``; with ``lora_rank``, ``x @ (W + A B) + b`` with W frozen."""
+
+  def __init__(self, din: int, dout: int, lora_rank: int | None,
+               rngs: nnx.Rngs):
+    key = rngs.params()
+    w = jax.random.normal(key, (din, dout)) / np.sqrt(din)
+    self.bias = nnx.Param(jnp.zeros((dout,)))
+    if lora_rank is None:
+      self.kernel = nnx.Param(w)
+      self.lora_a = self.lora_b = None
+    else:
+      # LoRA: the random init is kept frozen; only the rank-r product trains.
+      self.kernel = Frozen(w)
+      # From the kernel's key, so a LoRA model's base weights are exactly
+      # those of the model without adapters (same seed).
+      self.lora_a = nnx.Param(jax.random.normal(
+          jax.random.fold_in(key, 1), (din, lora_rank)) / np.sqrt(din))
+      self.lora_b = nnx.Param(jnp.zeros((lora_rank, dout)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x @ self.kernel[...]
+    if self.lora_a is not None:
+      y = y + (x @ self.lora_a[...]) @ self.lora_b[...]
+    return y + self.bias[...]
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d = cfg.d_model
+    self.num_heads = cfg.num_heads
+    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    self.qkv = Linear(d, 3 * d, cfg.lora_rank, rngs)
+    self.proj = Linear(d, d, cfg.lora_rank, rngs)
+    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+    self.fc = Linear(d, cfg.mlp_ratio * d, cfg.lora_rank, rngs)
+    self.fc_out = Linear(cfg.mlp_ratio * d, d, cfg.lora_rank, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, d = x.shape
+    h = self.num_heads
+    q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
+    q, k, v = (a.reshape(b, t, h, d // h) for a in (q, k, v))
+    att = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(d // h)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    att = jax.nn.softmax(jnp.where(causal, att, -1e9), axis=-1)
+    y = jnp.einsum('bhqk,bkhd->bqhd', att, v).reshape(b, t, d)
+    x = x + self.proj(y)
+    return x + self.fc_out(jax.nn.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nnx.Module):
+  """A byte-level GPT: token + position embeddings, pre-LN blocks, tied head."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
+                           embedding_init=nnx.initializers.normal(0.02))
+    self.pos = nnx.Param(
+        0.02 * jax.random.normal(rngs.params(), (cfg.seq_len, cfg.d_model)))
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.ln_f = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = self.embed(tokens) + self.pos[...][:tokens.shape[1]]
+    for block in self.blocks:
+      x = block(x)
+    return self.embed.attend(self.ln_f(x))
+
+
+def init_model(cfg: ModelConfig, seed: int):
+  """Returns ``(graphdef, params, rest)``: params is a plain nested dict."""
+  model = GPT(cfg, nnx.Rngs(seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, nnx.to_pure_dict(params), (params, rest)
+
+
+def make_loss_fn(graphdef, template) -> Callable[..., jax.Array]:
+  params_template, rest = template
+
+  def loss_fn(params, tokens):
+    state = jax.tree.map(lambda x: x, params_template)  # a fresh copy
+    nnx.replace_by_pure_dict(state, params)
+    model = nnx.merge(graphdef, state, rest)
+    logits = model(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), tokens[:, 1:].astype(jnp.int32)).mean()
+
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------
+# Optimizers.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+  name: str = 'flora'
+  learning_rate: float = 3e-3
+  warmup_steps: int = 50
+  steps: int = 500  # optimizer updates (each of `accumulate` micro-batches)
+  rank: int = 16  # Flora momentum rank, and LoRA rank
+  resample_every: int | None = 100
+  accumulate: int = 1
+  accumulation_rank: int = 8
+  momentum: float = 0.9
+  seed: int = 0
+
+
+def make_schedule(oc: OptConfig) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      0.0, oc.learning_rate, min(oc.warmup_steps, oc.steps // 2),
+      max(oc.steps, 1), end_value=0.1 * oc.learning_rate)
+
+
+def make_optimizer(oc: OptConfig) -> optax.GradientTransformation:
+  """The optimizer ``oc.name``, wrapped for accumulation when asked.
+
+  All are Adafactor (factored second moment, block-RMS clipping) with the
+  same learning-rate schedule; they differ only in the first moment:
+
+  - ``flora``: Flora-compressed momentum of rank ``oc.rank``;
+  - ``flora_frozen``: the same, never resampled (LoRA with a frozen ``A``);
+  - ``adafactor``: uncompressed momentum (``optax.adafactor(momentum=...)``);
+  - ``adafactor_nomomentum``: no momentum;
+  - ``lora``: uncompressed momentum, used on a model with LoRA adapters.
+
+  Parameter-scale multiplication is off so that zero-initialised weights
+  (biases, LoRA's ``B``) learn at the same rate under every optimizer.
+  """
+  if oc.name not in OPTIMIZERS:
+    raise ValueError(f'`name` must be one of {OPTIMIZERS}, got {oc.name!r}.')
+  lr = make_schedule(oc)
+  common = dict(multiply_by_parameter_scale=False)
+  if oc.name in ('flora', 'flora_frozen'):
+    tx = flora_optax.flora(
+        lr, oc.rank, momentum=oc.momentum, key=oc.seed,
+        resample_every=None if oc.name == 'flora_frozen' else
+        oc.resample_every, **common)
+  elif oc.name == 'adafactor_nomomentum':
+    tx = optax.adafactor(lr, **common)
+  else:
+    tx = optax.adafactor(lr, momentum=oc.momentum, **common)
+  if oc.accumulate > 1:
+    tx = accumulate(tx, oc)
+  return tx
+
+
+def accumulate(tx: optax.GradientTransformation,
+               oc: OptConfig) -> optax.GradientTransformation:
+  """``flora_optax.MultiSteps`` for Flora, ``optax.MultiSteps`` otherwise."""
+  if oc.name.startswith('flora'):
+    if not hasattr(flora_optax, 'MultiSteps'):
+      raise RuntimeError('flora_optax.MultiSteps is not available in this '
+                         'version of flora_optax.')
+    return flora_optax.MultiSteps(tx, oc.accumulate, rank=oc.accumulation_rank,
+                                  key=oc.seed + 1).gradient_transformation()
+  return optax.MultiSteps(tx, oc.accumulate).gradient_transformation()
+
+
+# ----------------------------------------------------------------------------
+# Memory figures.
+# ----------------------------------------------------------------------------
+
+
+def tree_bytes(tree: Any) -> int:
+  return sum(
+      int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(tree)
+      if hasattr(x, 'shape') and hasattr(x, 'dtype'))
+
+
+def compiled_peak_bytes(fn: Callable, *args) -> int:
+  """Arguments + outputs + temporaries - aliased, of the compiled ``fn``."""
+  return _peak(jax.jit(fn).lower(*args).compile())
+
+
+def _peak(compiled) -> int:
+  m = compiled.memory_analysis()
+  if m is None:  # some backends report nothing
+    return -1
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes +
+             m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def mib(n: float) -> str:
+  return f'{n / 2**20:.3f}'
+
+
+# ----------------------------------------------------------------------------
+# Training.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunResult:
+  name: str
+  steps: list[int]
+  train_loss: list[float]
+  eval_steps: list[int]
+  eval_loss: list[float]
+  final_eval_loss: float
+  state_bytes: int
+  param_bytes: int
+  peak_step_bytes: int
+  peak_update_bytes: int
+  seconds: float
+  warnings: list[str]
+
+
+def train(mc: ModelConfig, oc: OptConfig, corpus: data_lib.Corpus, *,
+          batch_size: int = 16, eval_every: int = 100, eval_batches: int = 8,
+          progress: bool = True, measure_peak: bool = True) -> RunResult:
+  """Trains one model with one optimizer; returns curves and memory figures.
+
+  Args:
+    mc: the model configuration (``oc.name == 'lora'`` adds LoRA adapters).
+    oc: the optimizer configuration.
+    corpus: the data.
+    batch_size: sequences per micro-batch.
+    eval_every: optimizer updates between evaluations.
+    eval_batches: batches in each evaluation (always the same ones).
+    progress: show a tqdm progress bar.
+    measure_peak: also compile the optimizer update alone, for its peak
+      memory (``memory_analysis``).
+  """
+  import warnings  # pylint: disable=g-import-not-at-top
+  if oc.name == 'lora':
+    mc = dataclasses.replace(mc, lora_rank=oc.rank)
+  graphdef, params, template = init_model(mc, oc.seed)
+  loss_fn = make_loss_fn(graphdef, template)
+  tx = make_optimizer(oc)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    opt_state = tx.init(params)
+  caught = [f'{w.category.__name__}: {w.message}' for w in caught]
+
+  def step(params, opt_state, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  batches = corpus.batches('train', batch_size, mc.seq_len, seed=oc.seed)
+  evals = [jnp.asarray(b) for b in corpus.eval_batches(
+      batch_size, mc.seq_len, eval_batches)]
+  eval_jit = jax.jit(loss_fn)
+  # Compile once, and read the memory figures from that same executable.
+  tokens_shape = jax.ShapeDtypeStruct((batch_size, mc.seq_len + 1), jnp.uint8)
+  step_compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, opt_state, tokens_shape).compile()
+  peak = _peak(step_compiled)
+  update_peak = -1
+  if measure_peak:
+    # The optimizer update alone (grads in, new params out): the part of the
+    # step that the optimizer's state and temporaries decide.
+    def apply(params, opt_state, grads):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+    update_peak = compiled_peak_bytes(apply, params, opt_state, params)
+  state_bytes = tree_bytes(opt_state)
+  param_bytes = tree_bytes(params)
+
+  def evaluate(p):
+    return float(np.mean([eval_jit(p, b) for b in evals]))
+
+  micro_steps = oc.steps * oc.accumulate
+  steps, losses, eval_steps, eval_losses = [], [], [], []
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=micro_steps, desc=f'{oc.name:>9}', unit='step',
+               dynamic_ncols=True)
+  t0 = time.perf_counter()
+  for i in range(1, micro_steps + 1):
+    params, opt_state, loss = step_compiled(params, opt_state,
+                                       jnp.asarray(next(batches)))
+    update = i // oc.accumulate
+    if i % max(1, micro_steps // 200) == 0 or i == micro_steps:
+      steps.append(i)
+      losses.append(float(loss))
+      if bar is not None:
+        bar.set_postfix(loss=f'{losses[-1]:.3f}', refresh=False)
+    if i % oc.accumulate == 0 and (update % eval_every == 0 or
+                                   update == oc.steps):
+      eval_steps.append(i)
+      eval_losses.append(evaluate(params))
+      if bar is not None:
+        bar.set_postfix(loss=f'{float(loss):.3f}',
+                        eval=f'{eval_losses[-1]:.3f}', refresh=False)
+    if bar is not None:
+      bar.update(1)
+  seconds = time.perf_counter() - t0
+  if bar is not None:
+    bar.close()
+  return RunResult(oc.name, steps, losses, eval_steps, eval_losses,
+                   eval_losses[-1], state_bytes, param_bytes, peak, update_peak,
+                   seconds,
+                   caught)
+
+
+def memory_table(results: Sequence[RunResult]) -> str:
+  """A Markdown table of state bytes and compiled peak memory per optimizer."""
+  base = {r.name: r for r in results}.get('adafactor')
+  def ratio(a, b):
+    return f'{a / b:.3f}' if base and a > 0 and b > 0 else '-'
+
+  lines = [
+      '| optimizer | eval loss | state (MiB) | state / adafactor | '
+      'peak of optimizer update (MiB) | ratio | '
+      'peak of training step (MiB) | ratio |',
+      '|---|---|---|---|---|---|---|---|',
+  ]
+  for r in results:
+    lines.append(
+        f'| {r.name} | {r.final_eval_loss:.4f} | {mib(r.state_bytes)} | '
+        f'{ratio(r.state_bytes, base.state_bytes if base else 0)} | '
+        f'{mib(r.peak_update_bytes)} | '
+        f'{ratio(r.peak_update_bytes, base.peak_update_bytes if base else 0)}'
+        f' | {mib(r.peak_step_bytes)} | '
+        f'{ratio(r.peak_step_bytes, base.peak_step_bytes if base else 0)} |')
+  return '\n'.join(lines)
+
+
+def plot(results: Sequence[RunResult], path: str, title: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for r in results:
+    line, = ax.plot(r.steps, _smooth(r.train_loss), alpha=0.6,
+                    label=f'{r.name} train')
+    ax.plot(r.eval_steps, r.eval_loss, 'o-', color=line.get_color(),
+            label=f'{r.name} eval')
+  ax.set_xlabel('micro-step')
+  ax.set_ylabel('cross-entropy (nats / byte)')
+  ax.set_title(title)
+  lo = min(min(r.eval_loss) for r in results)
+  ax.set_ylim(lo - 0.2, lo + 2.0)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _smooth(xs: Sequence[float], beta: float = 0.8) -> list[float]:
+  out, m = [], None
+  for x in xs:
+    m = x if m is None else beta * m + (1 - beta) * x
+    out.append(m)
+  return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument('--optimizers', default='flora,adafactor',
+                 help=f'comma-separated, from {",".join(OPTIMIZERS)}')
+  p.add_argument('--steps', type=int, default=300, help='optimizer updates')
+  p.add_argument('--batch-size', type=int, default=16,
+                 help='sequences per micro-batch')
+  p.add_argument('--accumulate', type=int, default=1,
+                 help='micro-batches per update (MultiSteps)')
+  p.add_argument('--accumulation-rank', type=int, default=8,
+                 help='rank of the compressed accumulator (Flora only)')
+  p.add_argument('--rank', type=int, default=16,
+                 help='Flora momentum rank (and LoRA rank)')
+  p.add_argument('--resample-every', type=int, default=100,
+                 help='Flora κ: steps between fresh projections; 0 = never')
+  p.add_argument('--learning-rate', type=float, default=3e-3)
+  p.add_argument('--warmup-steps', type=int, default=30)
+  p.add_argument('--d-model', type=int, default=128)
+  p.add_argument('--layers', type=int, default=2)
+  p.add_argument('--heads', type=int, default=4)
+  p.add_argument('--seq-len', type=int, default=64)
+  p.add_argument('--data', default='all', choices=data_lib.SOURCES)
+  p.add_argument('--eval-every', type=int, default=50)
+  p.add_argument('--eval-batches', type=int, default=8)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--out', default=DEFAULT_OUT,
+                 help='directory for the PNG and results.json')
+  p.add_argument('--no-progress', action='store_true')
+  args = p.parse_args(argv)
+  names = [n.strip() for n in args.optimizers.split(',') if n.strip()]
+  bad = [n for n in names if n not in OPTIMIZERS]
+  if bad or not names:
+    p.error(f'--optimizers: unknown {bad}; choose from {OPTIMIZERS}')
+  args.optimizers = names
+  for flag in ('steps', 'batch_size', 'accumulate', 'accumulation_rank',
+               'rank', 'd_model', 'layers', 'heads', 'seq_len', 'eval_every',
+               'eval_batches'):
+    if getattr(args, flag) < 1:
+      p.error(f'--{flag.replace("_", "-")} must be >= 1')
+  if args.d_model % args.heads:
+    p.error('--d-model must be divisible by --heads')
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[RunResult]:
+  args = parse_args(argv)
+  print(f'JAX {jax.__version__} on {jax.devices()[0].platform.upper()} '
+        f'({jax.device_count()} device(s)); flora_optax '
+        f'{flora_optax.__version__}')
+  corpus = data_lib.load_corpus(args.data)
+  print(f'data: {args.data!r}: {len(corpus.train):,} train bytes '
+        f'({len(corpus.train_docs)} documents), {len(corpus.eval):,} eval '
+        f'bytes ({len(corpus.eval_docs)} held-out documents)')
+  mc = ModelConfig(seq_len=args.seq_len, d_model=args.d_model,
+                   num_layers=args.layers, num_heads=args.heads)
+  n_params = tree_bytes(init_model(mc, 0)[1]) // 4
+  print(f'model: {args.layers} layers, d_model {args.d_model}, '
+        f'{args.heads} heads, context {args.seq_len}: {n_params:,} params; '
+        f'{args.steps} updates x {args.accumulate} micro-batch(es) of '
+        f'{args.batch_size}')
+  results = []
+  for name in args.optimizers:
+    oc = OptConfig(name=name, learning_rate=args.learning_rate,
+                   warmup_steps=args.warmup_steps, steps=args.steps,
+                   rank=args.rank,
+                   resample_every=args.resample_every or None,
+                   accumulate=args.accumulate,
+                   accumulation_rank=args.accumulation_rank, seed=args.seed)
+    r = train(mc, oc, corpus, batch_size=args.batch_size,
+              eval_every=args.eval_every, eval_batches=args.eval_batches,
+              progress=not args.no_progress)
+    for w in r.warnings:
+      print(f'  note: {w}')
+    print(f'{name}: eval loss {r.final_eval_loss:.4f} nats/byte '
+          f'({r.final_eval_loss / np.log(2):.3f} bits/byte) in '
+          f'{r.seconds:.1f} s')
+    results.append(r)
+  print()
+  print(memory_table(results))
+  os.makedirs(args.out, exist_ok=True)
+  png = os.path.join(args.out, 'loss_curve.png')
+  plot(results, png, f'byte-level GPT, {n_params:,} params, '
+       f'rank {args.rank}' + (f', accumulate {args.accumulate}'
+                             if args.accumulate > 1 else ''))
+  with open(os.path.join(args.out, 'results.json'), 'w') as f:
+    json.dump({'args': vars(args), 'results': [dataclasses.asdict(r)
+                                                for r in results]}, f,
+              indent=1)
+  print(f'\nloss curve: {png}')
+  return results
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,115 @@
+"""Smoke tests of the README's demo (examples/train_lm.py) at a tiny size."""
+
+import importlib
+import json
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flora_optax
+
+_EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'examples')
+
+
+if _EXAMPLES not in sys.path:
+  sys.path.insert(0, _EXAMPLES)
+data = importlib.import_module('data')
+train_lm = importlib.import_module('train_lm')
+
+TINY = ['--d-model', '32', '--layers', '1', '--heads', '2', '--seq-len', '16',
+        '--batch-size', '4', '--eval-batches', '2', '--rank', '4',
+        '--data', 'topics', '--learning-rate', '1e-2', '--warmup-steps', '1',
+        '--no-progress']
+
+
+def test_corpus_split_is_deterministic_and_disjoint():
+  a = data.load_corpus('topics')
+  b = data.load_corpus('topics')
+  np.testing.assert_array_equal(a.train, b.train)
+  np.testing.assert_array_equal(a.eval, b.eval)
+  assert a.eval_docs and a.train_docs
+  assert not set(a.eval_docs) & set(a.train_docs)
+  # Held-out text really is absent from the training stream.
+  probe = data.decode(a.eval[1000:1200])
+  assert probe not in data.decode(a.train)
+  x1 = next(a.batches('train', 3, 8, seed=5))
+  x2 = next(b.batches('train', 3, 8, seed=5))
+  x3 = next(b.batches('train', 3, 8, seed=6))
+  np.testing.assert_array_equal(x1, x2)
+  assert not np.array_equal(x1, x3)
+  assert x1.shape == (3, 9) and x1.dtype == np.uint8
+  with pytest.raises(ValueError, match='source'):
+    data.load_corpus('wikipedia')
+
+
+def test_lora_model_starts_equal_to_its_base_and_trains_only_adapters():
+  cfg = train_lm.ModelConfig(seq_len=8, d_model=16, num_layers=1, num_heads=2)
+  _, base, _ = train_lm.init_model(cfg, seed=3)
+  graphdef, lora, template = train_lm.init_model(
+      train_lm.dataclasses.replace(cfg, lora_rank=2), seed=3)
+  block = lora['blocks'][0]
+  assert 'kernel' not in block['qkv']  # frozen: not among the trained params
+  assert block['qkv']['lora_a'].shape == (16, 2)
+  assert block['qkv']['lora_b'].shape == (2, 48)
+  tokens = jnp.arange(18, dtype=jnp.uint8).reshape(2, 9)
+  # Larger embeddings than at init, so the loss is sensitive to the blocks.
+  for p in (base, lora):
+    p['embed']['embedding'] = 50 * p['embed']['embedding']
+  loss_lora = train_lm.make_loss_fn(graphdef, template)(lora, tokens)
+  g2, _, t2 = train_lm.init_model(cfg, seed=3)
+  loss_base = train_lm.make_loss_fn(g2, t2)(base, tokens)
+  # Same seed, B = 0: the LoRA model computes the base model's function.
+  np.testing.assert_allclose(loss_lora, loss_base, rtol=1e-5)
+  # ...until B moves: then the adapters change the function.
+  lora['blocks'][0]['fc']['lora_b'] = lora['blocks'][0]['fc']['lora_b'] + 0.5
+  assert abs(float(loss_lora) - math.log(256)) > 0.5  # not uniform logits
+  assert abs(float(train_lm.make_loss_fn(graphdef, template)(lora, tokens))
+             - float(loss_base)) > 1e-2
+
+
+def test_demo_trains_and_reports_memory(tmp_path, capsys):
+  results = train_lm.main(TINY + ['--steps', '8', '--eval-every', '4',
+                                  '--out', str(tmp_path)])
+  out = capsys.readouterr().out
+  by_name = {r.name: r for r in results}
+  assert set(by_name) == {'flora', 'adafactor'}
+  for r in results:
+    assert r.eval_loss[-1] < math.log(256) - 0.3, r.eval_loss  # it learns
+    assert all(np.isfinite(r.train_loss))
+    assert r.peak_step_bytes > r.peak_update_bytes > 0
+  # The compressed momentum is what makes Flora's state smaller.
+  assert by_name['flora'].state_bytes < 0.6 * by_name['adafactor'].state_bytes
+  assert '| flora |' in out and '| adafactor |' in out
+  assert os.path.getsize(tmp_path / 'loss_curve.png') > 1000
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert saved['results'][0]['final_eval_loss'] == pytest.approx(
+      by_name['flora'].final_eval_loss)
+
+
+@pytest.mark.skipif(not hasattr(flora_optax, 'MultiSteps'),
+                    reason='flora_optax.MultiSteps not available')
+def test_demo_accumulation_uses_compressed_multisteps(tmp_path):
+  results = train_lm.main(TINY + ['--steps', '3', '--eval-every', '3',
+                                  '--accumulate', '2',
+                                  '--accumulation-rank', '2',
+                                  '--optimizers', 'flora,adafactor',
+                                  '--out', str(tmp_path)])
+  flora_r, ada_r = results
+  assert flora_r.steps[-1] == 6  # 3 updates x 2 micro-batches
+  assert all(np.isfinite(r.eval_loss[-1]) for r in results)
+  assert flora_r.state_bytes < ada_r.state_bytes
+
+
+def test_demo_rejects_bad_flags():
+  with pytest.raises(SystemExit):
+    train_lm.parse_args(['--optimizers', 'sgd'])
+  with pytest.raises(SystemExit):
+    train_lm.parse_args(['--d-model', '30', '--heads', '4'])
+  with pytest.raises(ValueError, match='name'):
+    train_lm.make_optimizer(train_lm.OptConfig(name='adam'))
