@@ -11,10 +11,10 @@ Two forms of the same computation:
 
 Cycle ``j`` (the index of the optimizer update being accumulated) projects
 every leaf with ``P_j``, drawn from
-``fold_in(fold_in(fold_in(key, ACCUMULATION_PURPOSE), j), leaf_id)``, i.e.
-:meth:`Projector.compress` given the cycle key ``fold_in(fold_in(key,
-ACCUMULATION_PURPOSE), j)``. Both forms therefore give the same result for the
-same key and cycle.
+``fold_in(cycle_key(key, j, 'accumulation'), leaf_id)``, as
+:meth:`Projector.compress` does given ``flora_optax.cycle_key(key, j,
+purpose='accumulation')``. Both forms therefore give the same result for the
+same key and cycle, and custom code can reproduce the projections.
 """
 
 from __future__ import annotations
@@ -73,13 +73,6 @@ def _flat(projector: _projection.Projector, tree: Any):
   return paths, plans, [x for _, x in leaves], treedef
 
 
-def _cycle_key(key: Any, cycle: jax.typing.ArrayLike) -> jax.Array:
-  """The typed key of accumulation cycle ``cycle`` (see the module doc)."""
-  root = _keys.wrap(_keys.key_data(key))
-  return jax.random.fold_in(
-      jax.random.fold_in(root, _keys.ACCUMULATION_PURPOSE), cycle)
-
-
 def _compute_dtype(dtype) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
@@ -115,8 +108,11 @@ def _decompress(plans, ps, accs) -> list[Any]:
 
 
 def _sketch_zeros(projector, tree: Any, dtype) -> Any:
-  return jax.tree.map(lambda pl, _: jnp.zeros(pl.sketch_shape, dtype),
-                      projector.plan(tree), tree)
+  plans = projector.plan(tree)
+  zeros = jax.tree.map(lambda pl, _: jnp.zeros(pl.sketch_shape, dtype), plans,
+                       tree)
+  # Flax NNX: sketches must not inherit their params' sharding names.
+  return _projection.fit_nnx_metadata(tree, zeros, plans)
 
 
 def _cast_dtypes(new: Any, old: Any) -> Any:
@@ -319,7 +315,8 @@ class MultiSteps:
       return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def do_update(state):
-      cycle_key = _cycle_key(state.key, state.gradient_step)
+      cycle_key = _keys.cycle_key(state.key, state.gradient_step,
+                                  'accumulation')
       ps = _draw(self._projector, paths, plans, grads, cycle_key)
       accs = _accumulate(plans, ps, grads, treedef.flatten_up_to(
           state.acc_grads), state.mini_step, self._use_grad_mean)
@@ -465,7 +462,7 @@ def accumulate_gradients(
   out_shapes = jax.eval_shape(grad_fn, params, first)
   grad_shapes = out_shapes[0] if has_aux else out_shapes
   paths, plans, likes, treedef = _flat(projector, grad_shapes)
-  cycle_key = _cycle_key(key, step)
+  cycle_key = _keys.cycle_key(key, step, 'accumulation')
   # Drawn once, outside the loop, and shared by every micro-batch.
   ps = _draw(projector, paths, plans, likes, cycle_key)
 
