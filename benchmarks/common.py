@@ -139,3 +139,52 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
            '|' + '|'.join('---' for _ in header) + '|']
   lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in rows]
   return '\n'.join(lines) + '\n'
+
+
+def memory_figures(compiled) -> dict[str, int]:
+  """``compiled_memory``'s figures, from an already compiled function."""
+  m = compiled.memory_analysis()
+  out = {
+      'argument_bytes': int(m.argument_size_in_bytes),
+      'output_bytes': int(m.output_size_in_bytes),
+      'temp_bytes': int(m.temp_size_in_bytes),
+      'alias_bytes': int(m.alias_size_in_bytes),
+  }
+  out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes'] +
+                       out['temp_bytes'] - out['alias_bytes'])
+  return out
+
+
+def compile_timed(fn: Callable, *args, **jit_kwargs):
+  """Compiles ``jax.jit(fn)`` for ``args``.
+
+  Returns:
+    ``(compiled, memory figures, compile seconds)``; the seconds cover
+    lowering and XLA compilation.
+  """
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
+  seconds = time.perf_counter() - t0
+  return compiled, memory_figures(compiled), seconds
+
+
+def interleaved_samples(fns: dict[str, Callable[[], Any]], repeats: int = 5,
+                        warmup: int = 1,
+                        progress: Any = None) -> dict[str, list[float]]:
+  """Like ``interleaved_times`` but returns every sample (seconds).
+
+  ``progress``, if given, is called with no argument after each round (e.g. a
+  tqdm bar's ``update``).
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+    if progress is not None:
+      progress()
+  return times
