@@ -193,7 +193,7 @@ def compressed_momentum(
     plans = projector.plan(params)
     _warn_unstable(plans, decay, resample_every, transfer)
     mu = jax.tree.map(
-        lambda pl, _: jnp.zeros(pl.sketch_shape, acc_dtype), plans, params)
+        lambda pl, x: _projection.sketch_zeros(pl, x, acc_dtype), plans, params)
     return CompressedMomentumState(
         count=jnp.zeros([], jnp.int32), key=_keys.key_data(key), mu=mu)
 
@@ -224,6 +224,7 @@ def compressed_momentum(
         new_m = (1 - decay) * g32 + decay * m.astype(dt)
         out = new_m
       else:
+        sharding = _projection.explicit_sharding(g)
         p = plan.projection(_keys.leaf_key(new_key, path), projection, dt)
         m = m.astype(dt)
         if resample_every is not None:
@@ -233,10 +234,10 @@ def compressed_momentum(
               lambda m: plan.transfer(
                   m,
                   plan.projection(_keys.leaf_key(old_key, path), projection,
-                                  dt), p, transfer),
+                                  dt), p, transfer, sharding),
               lambda m: m, m)
-        new_m = (1 - decay) * plan.compress(g32, p) + decay * m
-        out = plan.decompress(new_m, p)
+        new_m = (1 - decay) * plan.compress(g32, p, sharding) + decay * m
+        out = plan.decompress(new_m, p, sharding)
       if nesterov:
         out = decay * out + (1 - decay) * g32
       return out.astype(g.dtype), new_m.astype(acc_dtype)

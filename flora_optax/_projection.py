@@ -20,6 +20,7 @@ from typing import Any, Literal, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from flora_optax import _keys
 
@@ -139,16 +140,55 @@ class LeafPlan:
       p = jnp.swapaxes(q, -1, -2) * np.sqrt(d / r).astype(dtype)
     return p.reshape(*batch, r, *comp)
 
-  def compress(self, g: jax.Array, p: jax.Array) -> jax.Array:
-    return jnp.einsum(f'{self._labels()},{self._p_labels()}->{self._s_labels()}',
-                      g, p)
+  # --- sharding (Explicit-axes meshes) -----------------------------------
+  # ``sharding`` below is the leaf's own sharding on an Explicit mesh (see
+  # ``explicit_sharding``), or None (unsharded, or Auto axes left to XLA).
+  # The sketch keeps the mesh axes of the axes that are not compressed and
+  # replicates the rank axis; ``P`` is drawn replicated (so its values never
+  # depend on the mesh) and then sliced like the leaf's compressed and batch
+  # axes, which costs no communication.
+  def sketch_spec(self, spec: PartitionSpec) -> PartitionSpec:
+    """The spec of the sketch of a leaf with partition spec ``spec``."""
+    spec = _padded(spec, len(self.shape))
+    if self.dense:
+      return PartitionSpec(*spec)
+    return PartitionSpec(*(None if i == self.compress_axes[0] else spec[i]
+                           for i in range(len(self.shape))
+                           if i == self.compress_axes[0] or
+                           i not in self.compress_axes))
 
-  def decompress(self, c: jax.Array, p: jax.Array) -> jax.Array:
-    return jnp.einsum(f'{self._s_labels()},{self._p_labels()}->{self._labels()}',
-                      c, p)
+  def _p_spec(self, spec: PartitionSpec) -> PartitionSpec:
+    spec = _padded(spec, len(self.shape))
+    return PartitionSpec(*(spec[a] for a in self.batch_axes), None,
+                         *(spec[a] for a in self.compress_axes))
+
+  def _rr_spec(self, spec: PartitionSpec) -> PartitionSpec:
+    spec = _padded(spec, len(self.shape))
+    return PartitionSpec(*(spec[a] for a in self.batch_axes), None, None)
+
+  def compress(self, g: jax.Array, p: jax.Array,
+               sharding: NamedSharding | None = None) -> jax.Array:
+    subscripts = f'{self._labels()},{self._p_labels()}->{self._s_labels()}'
+    if sharding is None:
+      return jnp.einsum(subscripts, g, p)
+    # A sharded compressed axis makes partial sketches that are summed over
+    # its mesh axes (an all-reduce of the sketch, never a gather of ``g``).
+    p = jax.sharding.reshard(p, _like(sharding, self._p_spec(sharding.spec)))
+    return jnp.einsum(subscripts, g, p, out_sharding=_like(
+        sharding, self.sketch_spec(sharding.spec)))
+
+  def decompress(self, c: jax.Array, p: jax.Array,
+                 sharding: NamedSharding | None = None) -> jax.Array:
+    subscripts = f'{self._s_labels()},{self._p_labels()}->{self._labels()}'
+    if sharding is None:
+      return jnp.einsum(subscripts, c, p)
+    # Each device expands its own block: no communication.
+    p = jax.sharding.reshard(p, _like(sharding, self._p_spec(sharding.spec)))
+    return jnp.einsum(subscripts, c, p, out_sharding=sharding)
 
   def transfer(self, c: jax.Array, p_old: jax.Array, p_new: jax.Array,
-               method: Transfer = 'unbiased') -> jax.Array:
+               method: Transfer = 'unbiased',
+               sharding: NamedSharding | None = None) -> jax.Array:
     """Moves a sketch from ``p_old`` to ``p_new`` through an ``r×r`` matrix."""
     if method == 'reset':
       return jnp.zeros_like(c)
@@ -163,8 +203,56 @@ class LeafPlan:
                         f'{self._rr_labels()}', p_new, p_new)
       t = jnp.swapaxes(jnp.linalg.solve(gram, jnp.swapaxes(t, -1, -2)), -1,
                        -2)
-    return jnp.einsum(f'{self._s_labels(_R)},{self._rr_labels()}->'
-                      f'{self._s_labels(_R2)}', c, t)
+    subscripts = (f'{self._s_labels(_R)},{self._rr_labels()}->'
+                  f'{self._s_labels(_R2)}')
+    if sharding is None:
+      return jnp.einsum(subscripts, c, t)
+    # ``t`` is small and computed replicated; slice its batch axes like ``c``.
+    t = jax.sharding.reshard(t, _like(sharding, self._rr_spec(sharding.spec)))
+    return jnp.einsum(subscripts, c, t, out_sharding=_like(
+        sharding, self.sketch_spec(sharding.spec)))
+
+
+def _padded(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
+  return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def _like(sharding: NamedSharding, spec: PartitionSpec) -> NamedSharding:
+  return NamedSharding(sharding.mesh, spec)
+
+
+def sketch_zeros(plan: LeafPlan, like: Any, dtype: Any) -> jax.Array:
+  """Zeros of ``plan``'s sketch shape, sharded like ``like`` if it is typed.
+
+  On an Explicit-axes mesh ``jnp.zeros(shape)`` alone is replicated, and a
+  state built that way would change its type at the first update.
+  """
+  sharding = explicit_sharding(like)
+  if sharding is None:
+    return jnp.zeros(plan.sketch_shape, dtype)
+  return jnp.zeros(plan.sketch_shape, dtype,
+                   out_sharding=_like(sharding, plan.sketch_spec(sharding.spec)))
+
+
+def explicit_sharding(x: Any) -> NamedSharding | None:
+  """The sharding of ``x`` when it is typed on an Explicit-axes mesh.
+
+  Under ``jax.set_mesh`` with ``AxisType.Explicit`` axes the sharding is part
+  of an array's type and every new array must be given its sharding. With Auto
+  axes (plain ``jit`` with ``in_shardings``), or no mesh, this returns None and
+  XLA propagates shardings itself.
+  """
+  try:
+    sharding = jax.typeof(x).sharding
+  except TypeError:  # e.g. a jax.ShapeDtypeStruct
+    sharding = getattr(x, 'sharding', None)
+  if not isinstance(sharding, NamedSharding):
+    return None
+  mesh = sharding.mesh
+  if mesh.empty or not any(t == jax.sharding.AxisType.Explicit
+                           for t in mesh.axis_types):
+    return None
+  return sharding
 
 
 # --- argument checks ---------------------------------------------------------
@@ -487,7 +575,7 @@ class Projector:
         return g
       dt = self._compute_dtype(g)
       p = plan.projection(_keys.leaf_key(key, path), self.projection, dt)
-      return plan.compress(g.astype(dt), p)
+      return plan.compress(g.astype(dt), p, explicit_sharding(g))
 
     return jax.tree_util.tree_map_with_path(f, self.plan(tree), tree)
 
@@ -504,14 +592,14 @@ class Projector:
     """
     key = _as_typed(key)
 
-    def f(path, plan, c):
+    def f(path, plan, c, x):
       if plan.dense:
         return c
       p = plan.projection(_keys.leaf_key(key, path), self.projection,
                           self._compute_dtype(c))
-      return plan.decompress(c, p)
+      return plan.decompress(c, p, explicit_sharding(x))
 
-    return jax.tree_util.tree_map_with_path(f, self.plan(like), sketches)
+    return jax.tree_util.tree_map_with_path(f, self.plan(like), sketches, like)
 
   def transfer(self,
                sketches: Any,
@@ -530,7 +618,7 @@ class Projector:
     check_choice(method, 'method', TRANSFERS)
     old_key, new_key = _as_typed(old_key), _as_typed(new_key)
 
-    def f(path, plan, c):
+    def f(path, plan, c, x):
       if plan.dense:
         return c
       dt = self._compute_dtype(c)
@@ -538,9 +626,10 @@ class Projector:
                               dt)
       p_new = plan.projection(_keys.leaf_key(new_key, path), self.projection,
                               dt)
-      return plan.transfer(c.astype(dt), p_old, p_new, method)
+      return plan.transfer(c.astype(dt), p_old, p_new, method,
+                           explicit_sharding(x))
 
-    return jax.tree_util.tree_map_with_path(f, self.plan(like), sketches)
+    return jax.tree_util.tree_map_with_path(f, self.plan(like), sketches, like)
 
 
 def _as_typed(key: Any) -> jax.Array:
@@ -548,3 +637,4 @@ def _as_typed(key: Any) -> jax.Array:
       key.dtype, jax.dtypes.prng_key):
     return key
   return _keys.wrap(_keys.key_data(key))
+

@@ -1,0 +1,189 @@
+"""Shardings of optimizer states, derived from the shardings of the params.
+
+Under SPMD (``jax.jit`` with ``NamedSharding``), a Flora sketch keeps the mesh
+axes of the matrix axis that is *not* compressed and replicates its rank axis:
+a ``(n, m)`` kernel sharded ``P('data', 'model')`` whose last axis is
+compressed has a ``(n, r)`` sketch sharded ``P('data', None)``. Counters and
+keys are replicated. One step then costs, per compressed leaf whose compressed
+axis is sharded over mesh axes ``A``, one all-reduce over ``A`` of the local
+sketch block (``n/|data| × r`` values); the full-size gradient is never
+gathered, and decompression is local.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+__all__ = ['state_shardings']
+
+
+def _is_spec_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, (jax.sharding.Sharding, PartitionSpec))
+
+
+def _init_fn(tx: Any) -> Callable[[Any], Any]:
+  init = getattr(tx, 'init', tx)
+  if not callable(init):
+    raise TypeError(
+        '`tx` must be an optax GradientTransformation (anything with an '
+        '`init` method) or an init function params -> state, got '
+        f'{type(tx).__name__}.')
+  return init
+
+
+def _param_shardings(params: Any, param_shardings: Any,
+                     mesh: Mesh | None) -> list[NamedSharding]:
+  """One NamedSharding per params leaf (in ``jax.tree.leaves`` order)."""
+  leaves, treedef = jax.tree.flatten(params)
+  if param_shardings is None:
+    out = []
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+      s = getattr(x, 'sharding', None)
+      if s is None:
+        raise ValueError(
+            '`param_shardings` is None, so every params leaf must carry its '
+            f'own sharding (a jax.Array, or a jax.ShapeDtypeStruct with '
+            f'`sharding=`), but leaf {jax.tree_util.keystr(path)} has none.')
+      out.append(s)
+  elif _is_spec_leaf(param_shardings):
+    out = [param_shardings] * len(leaves)
+  else:
+    try:
+      out = treedef.flatten_up_to(param_shardings)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          '`param_shardings` must be one sharding for every leaf, or a pytree '
+          'of NamedSharding/PartitionSpec with the structure of the params: '
+          f'{e}') from e
+  result = []
+  for s in out:
+    if isinstance(s, PartitionSpec):
+      if mesh is None:
+        raise ValueError(
+            '`param_shardings` given as PartitionSpecs needs `mesh=`.')
+      s = NamedSharding(mesh, s)
+    elif s is None:
+      if mesh is None:
+        raise ValueError('A `param_shardings` leaf of None (replicated) '
+                         'needs `mesh=`.')
+      s = NamedSharding(mesh, PartitionSpec())
+    if not isinstance(s, NamedSharding):
+      raise TypeError(
+          '`param_shardings` leaves must be jax.sharding.NamedSharding or '
+          f'PartitionSpec (with `mesh=`), got {type(s).__name__}.')
+    result.append(s)
+  return result
+
+
+def _explicit(mesh: Mesh) -> Mesh:
+  return Mesh(mesh.devices, mesh.axis_names,
+              axis_types=(AxisType.Explicit,) * len(mesh.axis_names))
+
+
+def state_shardings(tx: Any,
+                    params: Any,
+                    param_shardings: Any = None,
+                    *,
+                    mesh: Mesh | None = None) -> Any:
+  """The shardings of ``tx.init(params)``, given the shardings of ``params``.
+
+  The result mirrors the state's pytree with one ``NamedSharding`` per array
+  leaf, on the params' mesh, ready for ``jax.jit(tx.init,
+  out_shardings=...)`` and for the ``in_shardings``/``out_shardings`` of a
+  jitted train step. Nothing is computed or allocated: the state is traced
+  with ``jax.eval_shape`` on an Explicit-axes copy of the mesh, where every
+  array's sharding is part of its type, so each state leaf gets the sharding
+  the optimizer itself gives it. For Flora states that is:
+
+  * a compressed leaf's sketch keeps the mesh axes of the axes that are not
+    compressed, its rank axis is replicated (e.g. a ``(n, m)`` kernel sharded
+    ``P('data', 'model')`` and compressed along ``m`` has a ``(n, r)`` sketch
+    sharded ``P('data', None)``);
+  * dense moments are sharded like their params;
+  * counters and keys are replicated;
+  * other optax states (e.g. Adafactor's factored second moment) follow
+    optax's own sharding rules.
+
+  It works for any optax transformation whose ``init`` is traceable with
+  sharded abstract inputs (as optax's own are).
+
+  Args:
+    tx: an ``optax.GradientTransformation`` (or anything with ``init``), or an
+      init function ``params -> state``.
+    params: the params, or their ``jax.ShapeDtypeStruct``s (values are never
+      read).
+    param_shardings: the params' shardings: a pytree matching ``params`` of
+      ``NamedSharding`` (or ``PartitionSpec`` with ``mesh=``; ``None`` leaves
+      mean replicated), or one sharding for all leaves. ``None`` (default)
+      takes each leaf's own ``.sharding`` (sharded arrays, or
+      ``ShapeDtypeStruct(..., sharding=...)``).
+    mesh: the mesh for ``PartitionSpec``/``None`` entries of
+      ``param_shardings``.
+
+  Returns:
+    A pytree with the structure of ``tx.init(params)`` whose leaves are
+    ``NamedSharding`` on the params' mesh.
+
+  Raises:
+    ValueError: if the shardings do not match the params, or use more than
+      one mesh.
+    TypeError: for a sharding that is not a ``NamedSharding``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> import flora_optax
+    >>> # e.g. (4, 2) on 8 devices; here whatever devices there are.
+    >>> mesh = jax.make_mesh((jax.device_count(), 1), ('data', 'model'))
+    >>> params = {'w': jax.ShapeDtypeStruct((256, 128), jnp.float32),
+    ...           'b': jax.ShapeDtypeStruct((128,), jnp.float32)}
+    >>> shardings = {'w': NamedSharding(mesh, P('data', 'model')),
+    ...              'b': NamedSharding(mesh, P('model'))}
+    >>> tx = flora_optax.flora(1e-3, rank=8)
+    >>> state_sh = flora_optax.state_shardings(tx, params, shardings)
+    >>> state_sh[1].mu['w'].spec  # (256, 8): the sharding of axis 0 is kept
+    P('data', None)
+    >>> state_sh[1].key.spec
+    P()
+    >>> state = jax.jit(tx.init, in_shardings=(shardings,),
+    ...                 out_shardings=state_sh)(params)
+    >>> state[1].mu['w'].sharding == state_sh[1].mu['w']
+    True
+
+  References:
+    Hao, Cao and Mou, `Flora: Low-Rank Adapters Are Secretly Gradient
+    Compressors <https://arxiv.org/abs/2402.03293>`_, ICML 2024.
+  """
+  init = _init_fn(tx)
+  shardings = _param_shardings(params, param_shardings, mesh)
+  leaves, treedef = jax.tree.flatten(params)
+  meshes = {s.mesh for s in shardings}
+  if mesh is not None:
+    meshes.add(mesh)
+  if not meshes:
+    raise ValueError('`params` has no leaves; there is nothing to shard.')
+  if len(meshes) > 1:
+    raise ValueError('All `param_shardings` must use one mesh, got '
+                     f'{len(meshes)} different meshes.')
+  (user_mesh,) = meshes
+  if not isinstance(user_mesh, Mesh):
+    raise TypeError('`param_shardings` must be on a concrete '
+                    f'jax.sharding.Mesh, got {type(user_mesh).__name__}.')
+  explicit = _explicit(user_mesh)
+  abstract = [
+      jax.ShapeDtypeStruct(x.shape, x.dtype,
+                           sharding=NamedSharding(explicit, s.spec))
+      for x, s in zip(leaves, shardings)
+  ]
+  with jax.set_mesh(explicit):
+    out = jax.eval_shape(init, jax.tree.unflatten(treedef, abstract))
+
+  def back(x):
+    s = getattr(x, 'sharding', None)
+    spec = s.spec if isinstance(s, NamedSharding) else PartitionSpec()
+    return NamedSharding(user_mesh, spec)
+
+  return jax.tree.map(back, out)
