@@ -140,17 +140,23 @@ class GPT(nnx.Module):
 
 
 def init_model(cfg: ModelConfig, seed: int):
-  """Returns ``(graphdef, params, rest)``: params is a plain nested dict."""
+  """Returns ``(graphdef, params, template)``.
+
+  ``params`` (the trained ``nnx.Param``s) is a plain nested dict, which every
+  optimizer handles; ``template`` is ``(param_state, rest)``, the
+  ``nnx.State``s :func:`make_loss_fn` rebuilds the model from (``rest`` holds
+  the other variables, e.g. LoRA's frozen kernels).
+  """
   model = GPT(cfg, nnx.Rngs(seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, nnx.to_pure_dict(params), (params, rest)
 
 
-def make_loss_fn(graphdef, template) -> Callable[..., jax.Array]:
-  params_template, rest = template
+def make_loss_fn_with_rest(graphdef, param_state) -> Callable[..., jax.Array]:
+  """``loss(params, rest, tokens)``: mean next-byte cross-entropy."""
 
-  def loss_fn(params, tokens):
-    state = jax.tree.map(lambda x: x, params_template)  # a fresh copy
+  def loss_fn(params, rest, tokens):
+    state = jax.tree.map(lambda x: x, param_state)  # a fresh copy
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state, rest)
     logits = model(tokens[:, :-1])
@@ -158,6 +164,13 @@ def make_loss_fn(graphdef, template) -> Callable[..., jax.Array]:
         logits.astype(jnp.float32), tokens[:, 1:].astype(jnp.int32)).mean()
 
   return loss_fn
+
+
+def make_loss_fn(graphdef, template) -> Callable[..., jax.Array]:
+  """``loss(params, tokens)`` with the non-trained variables of ``template``."""
+  param_state, rest = template
+  loss_fn = make_loss_fn_with_rest(graphdef, param_state)
+  return lambda params, tokens: loss_fn(params, rest, tokens)
 
 
 # ----------------------------------------------------------------------------
@@ -175,7 +188,9 @@ class OptConfig:
   resample_every: int | None = 100
   accumulate: int = 1
   accumulation_rank: int = 8
-  momentum: float = 0.9
+  accumulator: str | None = None  # 'flora', 'optax'; None: by optimizer name
+  momentum: float | None = 0.9
+  min_dim_size_to_factor: int = 128  # Adafactor's; lower it for tiny models
   seed: int = 0
 
 
@@ -197,13 +212,16 @@ def make_optimizer(oc: OptConfig) -> optax.GradientTransformation:
   - ``adafactor_nomomentum``: no momentum;
   - ``lora``: uncompressed momentum, used on a model with LoRA adapters.
 
+  ``oc.momentum=None`` removes the momentum of every one of them.
+
   Parameter-scale multiplication is off so that zero-initialised weights
   (biases, LoRA's ``B``) learn at the same rate under every optimizer.
   """
   if oc.name not in OPTIMIZERS:
     raise ValueError(f'`name` must be one of {OPTIMIZERS}, got {oc.name!r}.')
   lr = make_schedule(oc)
-  common = dict(multiply_by_parameter_scale=False)
+  common = dict(multiply_by_parameter_scale=False,
+                min_dim_size_to_factor=oc.min_dim_size_to_factor)
   if oc.name in ('flora', 'flora_frozen'):
     tx = flora_optax.flora(
         lr, oc.rank, momentum=oc.momentum, key=oc.seed,
@@ -220,8 +238,16 @@ def make_optimizer(oc: OptConfig) -> optax.GradientTransformation:
 
 def accumulate(tx: optax.GradientTransformation,
                oc: OptConfig) -> optax.GradientTransformation:
-  """``flora_optax.MultiSteps`` for Flora, ``optax.MultiSteps`` otherwise."""
-  if oc.name.startswith('flora'):
+  """``flora_optax.MultiSteps`` for Flora, ``optax.MultiSteps`` otherwise.
+
+  ``oc.accumulator`` (``'flora'`` or ``'optax'``) overrides the choice.
+  """
+  kind = oc.accumulator or ('flora' if oc.name.startswith('flora') else
+                            'optax')
+  if kind not in ('flora', 'optax'):
+    raise ValueError("`accumulator` must be 'flora', 'optax' or None, got "
+                     f'{oc.accumulator!r}.')
+  if kind == 'flora':
     if not hasattr(flora_optax, 'MultiSteps'):
       raise RuntimeError('flora_optax.MultiSteps is not available in this '
                          'version of flora_optax.')
