@@ -191,6 +191,7 @@ class OptConfig:
   accumulator: str | None = None  # 'flora', 'optax'; None: by optimizer name
   momentum: float | None = 0.9
   min_dim_size_to_factor: int = 128  # Adafactor's; lower it for tiny models
+  transfer: str = 'unbiased'  # Flora's momentum transfer at a resample
   seed: int = 0
 
 
@@ -226,7 +227,7 @@ def make_optimizer(oc: OptConfig) -> optax.GradientTransformation:
     tx = flora_optax.flora(
         lr, oc.rank, momentum=oc.momentum, key=oc.seed,
         resample_every=None if oc.name == 'flora_frozen' else
-        oc.resample_every, **common)
+        oc.resample_every, transfer=oc.transfer, **common)
   elif oc.name == 'adafactor_nomomentum':
     tx = optax.adafactor(lr, **common)
   else:
