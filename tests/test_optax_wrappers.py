@@ -292,3 +292,12 @@ def test_map_params_touches_only_param_shaped_subtrees():
   # And training continues from the mapped state.
   u, _ = _FLORA_STEP(_grads(3), same, params)
   assert jax.tree.map(jnp.shape, u) == jax.tree.map(jnp.shape, params)
+
+
+def test_accumulator_dtype_under_inject_hyperparams():
+  factory = optax.inject_hyperparams(flora_optax.compressed_momentum,
+                                     static_args='rank')
+  with pytest.raises(TypeError, match='accumulator_dtype'):
+    factory(3, accumulator_dtype=jnp.bfloat16).init(_params())
+  state = factory(3, accumulator_dtype='bfloat16').init(_params())
+  assert state.inner_state.mu['w'].dtype == jnp.bfloat16
