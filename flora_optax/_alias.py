@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from flora_optax._momentum import check_decay, compressed_momentum
+from flora_optax._projection import fit_nnx_metadata
 from flora_optax._projection import (DimensionNumbersSpec, Projection, RankFn,
                                      Side, Transfer, check_like_params)
 
@@ -25,7 +28,9 @@ def flora(
     decay_offset: int = 0,
     multiply_by_parameter_scale: bool = True,
     clipping_threshold: float | None = 1.0,
-    dtype_momentum: Any = jnp.float32,
+    # A dtype instance, not the callable jnp.float32: optax.inject_hyperparams
+    # would take a callable for a schedule.
+    dtype_momentum: Any = jnp.dtype('float32'),
     weight_decay_rate: float | None = None,
     eps: float = 1e-30,
     factored: bool = True,
@@ -85,6 +90,16 @@ def flora(
     >>> params['w'].shape
     (256, 128)
 
+    Every numeric hyperparameter can be injected except those that set state
+    shapes, which must be static:
+
+    >>> opt = optax.inject_hyperparams(
+    ...     flora_optax.flora, static_args=('rank', 'min_dim_size_to_factor'))(
+    ...         learning_rate=1e-2, rank=16, resample_every=100)
+    >>> state = opt.init(params)
+    >>> state.hyperparams['momentum']
+    Array(0.9, dtype=float32)
+
   References:
     Hao, Cao and Mou, `Flora: Low-Rank Adapters Are Secretly Gradient
     Compressors <https://arxiv.org/abs/2402.03293>`_, ICML 2024.
@@ -92,6 +107,21 @@ def flora(
     Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear
     Memory Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
+  # Under optax.inject_hyperparams every number arrives as an array; those
+  # that set state shapes can not be traced, so they must be static_args.
+  for name, value in (('rank', rank),
+                      ('min_dim_size_to_factor', min_dim_size_to_factor)):
+    if isinstance(value, (jax.Array, np.ndarray)):
+      raise TypeError(
+          f'`{name}` must be a Python int, got an array ({value!r}). It sets '
+          'state shapes, so it must be static: under optax.inject_hyperparams '
+          "pass static_args=('rank', 'min_dim_size_to_factor').")
+  if isinstance(dtype_momentum, (jax.Array, np.ndarray)):
+    raise TypeError(
+        '`dtype_momentum` must be a dtype, got an array: optax.inject_hyperparams'
+        ' takes a callable such as jnp.bfloat16 for a schedule. Pass a string '
+        "('bfloat16') or a jnp.dtype(...) instead, or list 'dtype_momentum' in "
+        'static_args.')
   # Checked here so that errors name flora's arguments, not the inner ones.
   if momentum is not None:
     check_decay(momentum, 'momentum')
@@ -138,4 +168,14 @@ def flora(
       check_like_params(updates, params)
     return chain.update(updates, state, params, **extra_args)
 
-  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+  def init_fn(params):
+    state = chain.init(params)
+    # Flax NNX: Adafactor's factored rows and (1,) placeholders must not
+    # inherit their params' sharding metadata (see fit_nnx_metadata).
+    factored = state[0]
+    factored = factored._replace(**{
+        f: fit_nnx_metadata(params, getattr(factored, f))
+        for f in ('v_row', 'v_col', 'v')})
+    return (factored,) + tuple(state[1:])
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

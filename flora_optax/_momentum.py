@@ -106,7 +106,7 @@ def compressed_momentum(
     resample_every: int | None = 1000,
     nesterov: bool = False,
     key: Any = 0,
-    accumulator_dtype: Any = jnp.float32,
+    accumulator_dtype: Any = jnp.dtype('float32'),
     projection: Projection = 'gaussian',
     side: Side = 'smaller',
     dimension_numbers: DimensionNumbersSpec = None,
@@ -181,6 +181,13 @@ def compressed_momentum(
   _keys.check_key(key)
   if not isinstance(nesterov, bool):
     raise TypeError(f'`nesterov` must be a bool, got {nesterov!r}.')
+  if isinstance(accumulator_dtype, (jax.Array, np.ndarray)):
+    # jnp.dtype(array) would silently give the array's (float32) dtype.
+    raise TypeError(
+        '`accumulator_dtype` must be a dtype, got an array: '
+        'optax.inject_hyperparams takes a callable such as jnp.bfloat16 for a '
+        "schedule. Pass a string ('bfloat16') or a jnp.dtype(...) instead, or "
+        "list 'accumulator_dtype' in static_args.")
   try:
     acc_dtype = jnp.dtype(accumulator_dtype)
   except TypeError:
@@ -194,6 +201,7 @@ def compressed_momentum(
     _warn_unstable(plans, decay, resample_every, transfer)
     mu = jax.tree.map(
         lambda pl, x: _projection.sketch_zeros(pl, x, acc_dtype), plans, params)
+    mu = _projection.fit_nnx_metadata(params, mu, plans)
     return CompressedMomentumState(
         count=jnp.zeros([], jnp.int32), key=_keys.key_data(key), mu=mu)
 
