@@ -26,15 +26,16 @@ if __name__ == '__main__':
   # 8 simulated devices unless the caller already chose (must precede JAX).
   os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-import optax  # pylint: disable=g-import-not-at-top
-from jax.sharding import AxisType, NamedSharding  # pylint: disable=g-import-not-at-top
-from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import flora_optax  # pylint: disable=g-import-not-at-top
-from benchmarks import common  # pylint: disable=g-import-not-at-top
+import flora_optax
+from benchmarks import common
+# pylint: enable=g-import-not-at-top
 
 BASELINE = 'adafactor(m=0.9)'
 _TYPE = re.compile(r'\b(f16|bf16|f32|f64|s32|u32|s8|u8|pred)\[([\d,]*)\]')
@@ -160,9 +161,11 @@ def to_markdown(res) -> str:
   mib = common.mib
   head = (f"GPT-2 {res['size']} on a {res['mesh']} mesh of "
           f"{res['devices']} devices (jax {res['jax']}); params "
-          f"{mib(res['param_bytes_per_device']):.1f} MiB per device. Per-device "
-          f"figures; ratios against {res['baseline']} in the same run. "
-          'Collectives: bytes per device produced by the compiled update.\n\n')
+          f"{mib(res['param_bytes_per_device']):.1f} MiB per device. "
+          f"Per-device figures; ratios against {res['baseline']} in the same run. "
+          'Collectives: bytes per device of the buffers each kind of '
+          'collective produces in the compiled update (a ring all-reduce '
+          'moves about twice that over the wire).\n\n')
   rows = []
   for r in res['rows']:
     c = r['collective_bytes_per_device']

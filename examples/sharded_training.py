@@ -65,10 +65,12 @@ def main(argv=None) -> dict:
   if args.distributed:
     jax.distributed.initialize()  # reads the cluster from the environment
 
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import AxisType, NamedSharding  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  # Imported after the device count is set.
+  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))

@@ -1,13 +1,32 @@
 """Shardings of optimizer states, derived from the shardings of the params.
 
 Under SPMD (``jax.jit`` with ``NamedSharding``), a Flora sketch keeps the mesh
-axes of the matrix axis that is *not* compressed and replicates its rank axis:
-a ``(n, m)`` kernel sharded ``P('data', 'model')`` whose last axis is
+axes of the matrix axes that are *not* compressed and replicates its rank
+axis: a ``(n, m)`` kernel sharded ``P('data', 'model')`` whose last axis is
 compressed has a ``(n, r)`` sketch sharded ``P('data', None)``. Counters and
-keys are replicated. One step then costs, per compressed leaf whose compressed
-axis is sharded over mesh axes ``A``, one all-reduce over ``A`` of the local
-sketch block (``n/|data| × r`` values); the full-size gradient is never
-gathered, and decompression is local.
+keys are replicated. :func:`state_shardings` gives these shardings for a
+whole optimizer state.
+
+What one update communicates, per compressed leaf ``(n, m)`` compressed along
+``m`` (the mirror case is symmetric), with ``n`` sharded over mesh axes
+``A_n`` and ``m`` over ``A_m``:
+
+* drawing ``P`` (``r×m``): nothing. Threefry is counter-based
+  (``jax_threefry_partitionable``, the default since JAX 0.5), so each device
+  draws the block it needs and the values are the same on every mesh;
+* compression ``G Pᵀ``: each device multiplies its own gradient block, then
+  one all-reduce over ``A_m`` of its ``n/|A_n| × r`` sketch block (nothing if
+  ``m`` is not sharded). The gradient itself is never gathered;
+* decompression ``C P``: nothing (each device expands its own block);
+* on the first step of a cycle, the ``r×r`` transfer matrix ``P_old P_newᵀ``:
+  at most an all-reduce over ``A_m`` of ``r²`` values;
+* dense leaves: nothing (element-wise).
+
+:func:`flora_optax.flora` adds what ``optax.adafactor`` does too: all-reduces
+of the factored row/column statistics (``n + m`` values) and of the scalars
+of ``clip_by_block_rms``/``scale_by_param_block_rms``. Sharding the axis that
+is compressed costs the sketch all-reduce; sharding only the other axis (or
+compressing the unsharded one, see ``side``) costs none.
 """
 
 from __future__ import annotations

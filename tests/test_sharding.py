@@ -179,7 +179,9 @@ def test_projections_bit_identical_across_meshes(projection, devices):
     chex.assert_trees_all_equal(sketches[n_dev], sketches[1])
 
   # And they are the projections the public API reproduces.
-  proj = jax.jit(flora_optax.Projector(RANK, projection=projection).projections)(
+  # Under jit like the optimizer (eager ``/ sqrt(r)`` may round differently).
+  projector = flora_optax.Projector(RANK, projection=projection)
+  proj = jax.jit(projector.projections)(
       params, flora_optax.cycle_key(7, 0, 'momentum'))
   np.testing.assert_array_equal(sketches[1]['w'][:, :32], proj['w'])
   np.testing.assert_array_equal(sketches[1]['v'][:32, :], proj['v'].T)
