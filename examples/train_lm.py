@@ -480,6 +480,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--out', default=DEFAULT_OUT,
                  help='directory for the PNG and results.json')
   p.add_argument('--no-progress', action='store_true')
+  p.add_argument('--no-update-peak', action='store_true',
+                 help="skip compiling the optimizer update alone for its "
+                 "peak memory (the training step's peak is still reported)")
   args = p.parse_args(argv)
   names = [n.strip() for n in args.optimizers.split(',') if n.strip()]
   bad = [n for n in names if n not in OPTIMIZERS]
@@ -522,7 +525,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
                    accumulation_rank=args.accumulation_rank, seed=args.seed)
     r = train(mc, oc, corpus, batch_size=args.batch_size,
               eval_every=args.eval_every, eval_batches=args.eval_batches,
-              progress=not args.no_progress)
+              progress=not args.no_progress,
+              measure_peak=not args.no_update_peak)
     for w in r.warnings:
       print(f'  note: {w}')
     print(f'{name}: eval loss {r.final_eval_loss:.4f} nats/byte '
