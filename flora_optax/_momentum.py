@@ -136,6 +136,13 @@ def compressed_momentum(
   the norm, biased towards zero by about ``r/d``); ``transfer='reset'`` starts
   each cycle from zero.
 
+  Limits: the step counter is ``int32`` and saturates at ``2**31 - 1``; from
+  then on the cycle, and so the projection, stays fixed (no more transfers).
+  A non-finite gradient entry poisons its line of the sketch (the entries
+  sharing its uncompressed index) for good: wrap the optimizer in
+  ``optax.apply_if_finite`` to skip such steps, which leaves the state
+  bit-identical.
+
   Args:
     rank: the rank, an int or a callable ``(path, leaf) -> int | None`` (see
       :class:`Projector`).
