@@ -374,7 +374,10 @@ def accumulation() -> list:
           "ax.set_ylabel('MSE'); ax.legend(); ax.grid(alpha=0.3); plt.show()"),
       v4.new_markdown_cell(
           '`has_updated` tells which micro-steps applied an update, as with '
-          '`optax.MultiSteps`:'),
+          '`optax.MultiSteps`. With all-ones gradients, SGD(0.1) would move '
+          'every weight by exactly 0.1; the decompressed mean gradient is an '
+          'unbiased but noisy estimate of it (rank 4 of 16 here), so the '
+          'largest entry is bigger.'),
       v4.new_code_cell(
           "tx = flora_optax.MultiSteps(optax.sgd(0.1), every_k_schedule=3, rank=4)\n"
           "params = {'w': jnp.ones((32, 16))}\n"
