@@ -91,7 +91,8 @@ def _accumulate(plans, ps, grads, accs, n, use_grad_mean: bool) -> list[Any]:
   """Adds one micro-gradient to the accumulators (Welford mean or sum)."""
   out = []
   for pl, p, g, acc in zip(plans, ps, grads, accs):
-    c = g if pl.dense else pl.compress(g.astype(p.dtype), p)
+    c = g if pl.dense else pl.compress(g.astype(p.dtype), p,
+                                       _projection.explicit_sharding(g))
     if use_grad_mean:
       # Welford's running mean, as optax.MultiSteps: stable in low precision.
       out.append(acc + (c - acc) / (n + 1))
@@ -100,19 +101,28 @@ def _accumulate(plans, ps, grads, accs, n, use_grad_mean: bool) -> list[Any]:
   return out
 
 
-def _decompress(plans, ps, accs) -> list[Any]:
+def _decompress(plans, ps, accs, likes) -> list[Any]:
   return [
-      acc if pl.dense else pl.decompress(acc.astype(p.dtype), p)
-      for pl, p, acc in zip(plans, ps, accs)
+      acc if pl.dense else pl.decompress(acc.astype(p.dtype), p,
+                                         _projection.explicit_sharding(x))
+      for pl, p, acc, x in zip(plans, ps, accs, likes)
   ]
 
 
 def _sketch_zeros(projector, tree: Any, dtype) -> Any:
   plans = projector.plan(tree)
-  zeros = jax.tree.map(lambda pl, _: jnp.zeros(pl.sketch_shape, dtype), plans,
-                       tree)
+  zeros = jax.tree.map(lambda pl, x: _projection.sketch_zeros(pl, x, dtype),
+                       plans, tree)
   # Flax NNX: sketches must not inherit their params' sharding names.
   return _projection.fit_nnx_metadata(tree, zeros, plans)
+
+
+def _zeros_of(shape: jax.ShapeDtypeStruct) -> jax.Array:
+  """Zeros of a traced shape, keeping its sharding on an Explicit mesh."""
+  sharding = _projection.explicit_sharding(shape)
+  if sharding is None:
+    return jnp.zeros(shape.shape, shape.dtype)
+  return jnp.zeros(shape.shape, shape.dtype, out_sharding=sharding)
 
 
 def _cast_dtypes(new: Any, old: Any) -> Any:
@@ -312,7 +322,7 @@ class MultiSteps:
     def zero_updates():
       # Only shapes are traced here; the inner update does not run.
       shapes, _ = jax.eval_shape(inner, updates, state.inner_opt_state)
-      return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      return jax.tree.map(_zeros_of, shapes)
 
     def do_update(state):
       cycle_key = _keys.cycle_key(state.key, state.gradient_step,
@@ -323,10 +333,10 @@ class MultiSteps:
       emit = state.mini_step == k_steps - 1
 
       def boundary(accs, inner_state):
-        mean = treedef.unflatten(_decompress(plans, ps, accs))
+        mean = treedef.unflatten(_decompress(plans, ps, accs, grads))
         new_updates, new_inner = inner(
             optax.tree.cast_like(mean, updates), inner_state)
-        zeros = [jnp.zeros(a.shape, acc_dtype) for a in accs]
+        zeros = [jnp.zeros_like(a, acc_dtype) for a in accs]
         return new_updates, _cast_dtypes(new_inner, inner_state), zeros
 
       def micro(accs, inner_state):
@@ -474,12 +484,13 @@ def accumulate_gradients(
                        use_grad_mean)
     return [jnp.astype(a, acc_dtype) for a in accs], aux
 
-  accs0 = [jnp.zeros(pl.sketch_shape, acc_dtype) for pl in plans]
+  accs0 = [_projection.sketch_zeros(pl, x, acc_dtype)
+           for pl, x in zip(plans, likes)]
   accs, aux = jax.lax.scan(body, accs0,
                            (jnp.arange(k, dtype=jnp.int32), micro_batches))
   grads = [
-      jnp.astype(g, x.dtype) for g, x in zip(_decompress(plans, ps, accs),
-                                             likes)
+      jnp.astype(g, x.dtype)
+      for g, x in zip(_decompress(plans, ps, accs, likes), likes)
   ]
   grads = treedef.unflatten(grads)
   return (grads, aux) if has_aux else grads

@@ -129,10 +129,7 @@ def _mesh(axis_type):
 
 @pytest.mark.parametrize('kind, axis_type', [
     ('flora', AxisType.Explicit),
-    pytest.param('multisteps', AxisType.Explicit, marks=pytest.mark.xfail(
-        strict=True, raises=TypeError,
-        reason='flora_optax.MultiSteps on an Explicit-axes mesh: its lax.cond '
-        'branches return differently sharded types (also without NNX).')),
+    ('multisteps', AxisType.Explicit),
     ('multisteps', AxisType.Auto),
 ], ids=['flora-explicit', 'multisteps-explicit', 'multisteps-auto'])
 def test_with_partitioning_shards_sketches_on_their_kept_axis(kind, axis_type):

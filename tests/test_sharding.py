@@ -279,10 +279,7 @@ def test_momentum_communication_is_bounded_by_the_sketches():
 
 @pytest.mark.parametrize('name,dtype', [
     ('flora', jnp.float32), ('momentum', jnp.bfloat16),
-    pytest.param('multisteps', jnp.float32, marks=pytest.mark.xfail(
-        strict=True, raises=TypeError,
-        reason='MultiSteps builds replicated sketches/zeros on Explicit '
-        'meshes (its lax.cond branches then differ in sharding)'))])
+    ('multisteps', jnp.float32)])
 def test_explicit_mesh_state_types_stable(name, dtype):
   tx = _optimizers()[name]
   shape, names, specs = LAYOUTS['tp_4x2']
