@@ -315,6 +315,8 @@ class MultiSteps:
           f'shape {should_skip.shape}.')
     acc_dtype = self._accumulator_dtype
     paths, plans, grads, treedef = _flat(self._projector, updates)
+    _projection.check_sketches(self._projector.plan(updates), state.acc_grads,
+                               'gradient accumulator', params)
 
     def inner(g, inner_state):
       return self._opt.update(g, inner_state, params, **extra_args)

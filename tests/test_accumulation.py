@@ -542,3 +542,17 @@ def test_recipe_rejects_bad_arguments():
   with pytest.raises(TypeError, match='`grad_fn`'):
     flora_optax.accumulate_gradients(None, params, jnp.ones((2, 3)),
                                      projector=proj, step=0)
+
+
+def test_update_tree_must_match_init():
+  tx = flora_optax.MultiSteps(optax.sgd(0.1), 2, rank=4)
+  p = {'w': jnp.zeros((16, 32)), 'b': jnp.zeros((32,))}
+  s = tx.init(p)
+  with pytest.raises(ValueError, match=r"leaves missing: \['b'\]"):
+    tx.update({'w': p['w']}, s)
+  with pytest.raises(ValueError, match=r"\['b'\].*\(31,\)"):
+    tx.update({'w': p['w'], 'b': jnp.zeros((31,))}, s)
+  # A change of the compressed axis alone is caught through params.
+  bad = {'w': jnp.zeros((16, 33)), 'b': p['b']}
+  with pytest.raises(ValueError, match=r"\['w'\]"):
+    tx.update(bad, s, bad)
