@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -26,6 +27,9 @@ def main(argv=None) -> list[str]:
                       help='tiny sizes: a smoke test (no meaningful figures)')
   parser.add_argument('--only', default=None,
                       help=f'comma-separated parts among {", ".join(PARTS)}')
+  parser.add_argument('--save-raw', default=None, metavar='PATH',
+                      help='only save the raw results JSON to PATH (merge '
+                      'several with python -m benchmarks.report PATH...)')
   parser.add_argument('--out', default=None,
                       help='results folder (default benchmarks/results, or '
                       'benchmarks/results/quick with --quick)')
@@ -48,6 +52,10 @@ def main(argv=None) -> list[str]:
   opt_parts = tuple(p for p in parts if p in OPTIMIZER_PARTS)
   if opt_parts:
     res = optimizers.run(args.quick, opt_parts)
+    if args.save_raw:
+      with open(args.save_raw, 'w') as f:
+        json.dump(res, f, default=float)
+      return [args.save_raw]
     paths += report.write(res, out)
     for t in res_targets(res, report):
       print(f'[{"met" if t["met"] else "MISSED"}] {t["target"]}: '

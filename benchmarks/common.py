@@ -22,8 +22,9 @@ def gpt2_shapes(size: str = 'small') -> dict[str, Any]:
   """The parameter shapes of GPT-2 (HF layout: Conv1D kernels are in×out).
 
   Args:
-    size: 'small' (124M), 'medium' (355M), or 'tiny' (a 2-layer, 128-wide
-      stand-in with the same structure for smoke tests).
+    size: 'small' (124M), 'medium' (355M), 'tiny' (a 2-layer, 128-wide
+      stand-in with the same structure for smoke tests) or 'nano' (one
+      layer, vocabulary 256: the cheapest to compile).
 
   Returns:
     A nested dict of ``jax.ShapeDtypeStruct`` (float32).
@@ -32,6 +33,7 @@ def gpt2_shapes(size: str = 'small') -> dict[str, Any]:
       'small': (12, 768, 50257, 1024),
       'medium': (24, 1024, 50257, 1024),
       'tiny': (2, 128, 1000, 128),
+      'nano': (1, 128, 256, 128),
   }[size]
   n_layer, d, vocab, n_pos = cfg
   f = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)

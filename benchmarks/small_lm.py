@@ -106,7 +106,8 @@ def _block(x, blk, mask, h):
   return x + y @ blk['mlp']['c_proj']['kernel'] + blk['mlp']['c_proj']['bias']
 
 
-def forward(params: Any, tokens: jax.Array) -> jax.Array:
+def forward(params: Any, tokens: jax.Array, scan_layers: bool = True
+            ) -> jax.Array:
   """Logits ``(batch, seq, vocab)``; the output head is tied to ``wte``.
 
   The blocks run in a ``lax.scan`` over their stacked parameters: the
@@ -114,32 +115,39 @@ def forward(params: Any, tokens: jax.Array) -> jax.Array:
   but the compiled step holds one block, not ``n_layer`` (compiling the
   unrolled GPT-2 small step takes minutes on a shared 2-core machine). The
   stacked copy adds about one parameter-sized buffer (and its gradient) to
-  the temporaries of every optimizer alike.
+  the temporaries of every optimizer alike. ``scan_layers=False`` unrolls
+  the blocks instead (no copy; slow to compile).
   """
   t = tokens.shape[1]
   h = _n_head(params)
   x = params['wte'][tokens] + params['wpe'][:t]
   mask = jnp.tril(jnp.ones((t, t), bool))
   blocks = [params['h'][str(i)] for i in range(len(params['h']))]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
-  x, _ = jax.lax.scan(lambda x, blk: (_block(x, blk, mask, h), None), x,
-                      stacked)
+  if scan_layers:
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    x, _ = jax.lax.scan(lambda x, blk: (_block(x, blk, mask, h), None), x,
+                        stacked)
+  else:
+    for blk in blocks:
+      x = _block(x, blk, mask, h)
   x = _layer_norm(x, params['ln_f'])
   return x @ params['wte'].T
 
 
-def loss_fn(params: Any, batch: jax.Array) -> jax.Array:
+def loss_fn(params: Any, batch: jax.Array, scan_layers: bool = True
+            ) -> jax.Array:
   """Mean next-token cross-entropy of ``batch`` (``(b, seq + 1)`` tokens)."""
-  logits = forward(params, batch[:, :-1])
+  logits = forward(params, batch[:, :-1], scan_layers)
   return optax.softmax_cross_entropy_with_integer_labels(
       logits, batch[:, 1:]).mean()
 
 
-def make_train_step(tx: optax.GradientTransformation):
+def make_train_step(tx: optax.GradientTransformation,
+                    scan_layers: bool = True):
   """``(params, opt_state, batch) -> (params, opt_state, loss)``."""
 
   def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch, scan_layers)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
