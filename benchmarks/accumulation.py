@@ -67,19 +67,7 @@ GPT2_SMALL_BATCH = (8, 1024)  # (batch, sequence) for the compile-only step.
 
 
 def gpt_shapes(cfg: GPTConfig) -> dict[str, Any]:
-  f = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-  d = cfg.d_model
-  block = {
-      'ln_1': {'scale': f(d), 'bias': f(d)},
-      'attn': {'c_attn': {'kernel': f(d, 3 * d), 'bias': f(3 * d)},
-               'c_proj': {'kernel': f(d, d), 'bias': f(d)}},
-      'ln_2': {'scale': f(d), 'bias': f(d)},
-      'mlp': {'c_fc': {'kernel': f(d, 4 * d), 'bias': f(4 * d)},
-              'c_proj': {'kernel': f(4 * d, d), 'bias': f(d)}},
-  }
-  return {'wte': f(cfg.vocab, d), 'wpe': f(cfg.seq_len, d),
-          'h': {str(i): block for i in range(cfg.n_layer)},
-          'ln_f': {'scale': f(d), 'bias': f(d)}}
+  return common.gpt2_layout(cfg.n_layer, cfg.d_model, cfg.vocab, cfg.seq_len)
 
 
 def init_params(shapes: Any, seed: int = 0) -> Any:

@@ -35,7 +35,11 @@ def gpt2_shapes(size: str = 'small') -> dict[str, Any]:
       'tiny': (2, 128, 1000, 128),
       'nano': (1, 128, 256, 128),
   }[size]
-  n_layer, d, vocab, n_pos = cfg
+  return gpt2_layout(*cfg)
+
+
+def gpt2_layout(n_layer: int, d: int, vocab: int, n_pos: int) -> dict[str, Any]:
+  """GPT-2-layout parameter shapes (float32) for any size."""
   f = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   block = {
       'ln_1': {'scale': f(d), 'bias': f(d)},
@@ -87,17 +91,7 @@ def compiled_memory(fn: Callable, *args, **jit_kwargs) -> dict[str, int]:
     argument, output, temp, alias and generated-code bytes and ``peak``
     (arguments + outputs + temporaries - aliased).
   """
-  compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
-  m = compiled.memory_analysis()
-  out = {
-      'argument_bytes': int(m.argument_size_in_bytes),
-      'output_bytes': int(m.output_size_in_bytes),
-      'temp_bytes': int(m.temp_size_in_bytes),
-      'alias_bytes': int(m.alias_size_in_bytes),
-  }
-  out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes'] +
-                       out['temp_bytes'] - out['alias_bytes'])
-  return out
+  return memory_figures(jax.jit(fn, **jit_kwargs).lower(*args).compile())
 
 
 def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,
