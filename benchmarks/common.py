@@ -101,16 +101,8 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,
   Each thunk must block on its result (e.g. ``jax.block_until_ready``).
   Interleaving spreads the machine's noise over all candidates alike.
   """
-  for fn in fns.values():
-    for _ in range(warmup):
-      fn()
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(ts) for name, ts in times.items()}
+  samples = interleaved_samples(fns, repeats, warmup)
+  return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
 def mib(n: float) -> float:

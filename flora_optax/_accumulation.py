@@ -137,18 +137,6 @@ def _cast_dtypes(new: Any, old: Any) -> Any:
   return jax.tree.map(f, new, old)
 
 
-def _check_accumulator_dtype(dtype: Any) -> Any:
-  try:
-    dt = jnp.dtype(dtype)
-  except TypeError as e:
-    raise TypeError('`accumulator_dtype` must be a floating dtype, got '
-                    f'{dtype!r}.') from e
-  if not jnp.issubdtype(dt, jnp.floating):
-    raise TypeError('`accumulator_dtype` must be a floating dtype, got '
-                    f'{dtype!r}.')
-  return dt
-
-
 def _never_skip(*unused_args, **unused_kwargs):
   return jnp.array(False, dtype=jnp.bool_), ()
 
@@ -269,7 +257,8 @@ class MultiSteps:
     self._use_grad_mean = use_grad_mean
     self._skip_given = should_skip_update_fn is not None
     self._should_skip_update_fn = should_skip_update_fn or _never_skip
-    self._accumulator_dtype = _check_accumulator_dtype(accumulator_dtype)
+    self._accumulator_dtype = _projection.check_float_dtype(accumulator_dtype,
+                                                   'accumulator_dtype')
     self._key = key
 
   @property
@@ -460,7 +449,8 @@ def accumulate_gradients(
                     f'{type(projector).__name__}.')
   if not isinstance(use_grad_mean, bool):
     raise TypeError(f'`use_grad_mean` must be a bool, got {use_grad_mean!r}.')
-  acc_dtype = _check_accumulator_dtype(accumulator_dtype)
+  acc_dtype = _projection.check_float_dtype(accumulator_dtype,
+                                                   'accumulator_dtype')
   _keys.check_key(key)
   sizes = {np.shape(x)[0] if np.ndim(x) else None
            for x in jax.tree.leaves(micro_batches)}

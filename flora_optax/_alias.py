@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from flora_optax._momentum import check_decay, compressed_momentum
+from flora_optax._projection import check_float_dtype
 from flora_optax._projection import fit_nnx_metadata
 from flora_optax._projection import (DimensionNumbersSpec, Projection, RankFn,
                                      Side, Transfer, check_like_params)
@@ -116,22 +117,10 @@ def flora(
           f'`{name}` must be a Python int, got an array ({value!r}). It sets '
           'state shapes, so it must be static: under optax.inject_hyperparams '
           "pass static_args=('rank', 'min_dim_size_to_factor').")
-  if isinstance(dtype_momentum, (jax.Array, np.ndarray)):
-    raise TypeError(
-        '`dtype_momentum` must be a dtype, got an array: optax.inject_hyperparams'
-        ' takes a callable such as jnp.bfloat16 for a schedule. Pass a string '
-        "('bfloat16') or a jnp.dtype(...) instead, or list 'dtype_momentum' in "
-        'static_args.')
   # Checked here so that errors name flora's arguments, not the inner ones.
   if momentum is not None:
     check_decay(momentum, 'momentum')
-    try:
-      floating = jnp.issubdtype(jnp.dtype(dtype_momentum), jnp.floating)
-    except TypeError:
-      floating = False
-    if not floating:
-      raise TypeError('`dtype_momentum` must be a floating dtype, got '
-                      f'{dtype_momentum!r}.')
+    check_float_dtype(dtype_momentum, 'dtype_momentum')
   tx = [
       optax.scale_by_factored_rms(factored, decay_rate, decay_offset,
                                   min_dim_size_to_factor, eps)

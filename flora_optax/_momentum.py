@@ -188,20 +188,8 @@ def compressed_momentum(
   _keys.check_key(key)
   if not isinstance(nesterov, bool):
     raise TypeError(f'`nesterov` must be a bool, got {nesterov!r}.')
-  if isinstance(accumulator_dtype, (jax.Array, np.ndarray)):
-    # jnp.dtype(array) would silently give the array's (float32) dtype.
-    raise TypeError(
-        '`accumulator_dtype` must be a dtype, got an array: '
-        'optax.inject_hyperparams takes a callable such as jnp.bfloat16 for a '
-        "schedule. Pass a string ('bfloat16') or a jnp.dtype(...) instead, or "
-        "list 'accumulator_dtype' in static_args.")
-  try:
-    acc_dtype = jnp.dtype(accumulator_dtype)
-  except TypeError:
-    acc_dtype = None
-  if acc_dtype is None or not jnp.issubdtype(acc_dtype, jnp.floating):
-    raise TypeError('`accumulator_dtype` must be a floating dtype, got '
-                    f'{accumulator_dtype!r}.')
+  acc_dtype = _projection.check_float_dtype(accumulator_dtype,
+                                            'accumulator_dtype')
 
   def init_fn(params: optax.Params) -> CompressedMomentumState:
     plans = projector.plan(params)

@@ -274,6 +274,24 @@ def check_rank(rank: Any) -> None:
     raise ValueError(f'`rank` must be a positive int, got {rank}.')
 
 
+def check_float_dtype(value: Any, name: str) -> Any:
+  """Returns ``jnp.dtype(value)``, or raises naming ``name`` if not floating."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    # jnp.dtype(array) would silently give the array's dtype.
+    raise TypeError(
+        f'`{name}` must be a dtype, got an array: optax.inject_hyperparams '
+        'takes a callable such as jnp.bfloat16 for a schedule. Pass a string '
+        f"('bfloat16') or a jnp.dtype(...) instead, or list '{name}' in "
+        'static_args.')
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f'`{name}` must be a floating dtype, got {value!r}.')
+  return dtype
+
+
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
   if not isinstance(value, str) or value not in choices:
     raise ValueError(f'`{name}` must be one of {list(choices)}, got {value!r}.')
