@@ -131,10 +131,16 @@ class LeafPlan:
     batch = tuple(self.shape[a] for a in self.batch_axes)
     comp = tuple(self.shape[a] for a in self.compress_axes)
     r, d = self.rank, self.d
+    # Python floats are weakly typed: a NumPy scalar would promote ``p`` to
+    # float64 under jax_enable_x64, whatever ``dtype`` is.
     if projection == 'gaussian':
-      p = jax.random.normal(key, (*batch, r, d), dtype) / np.sqrt(r)
+      p = jax.random.normal(key, (*batch, r, d), dtype) / math.sqrt(r)
     elif projection == 'rademacher':
-      p = jax.random.rademacher(key, (*batch, r, d), dtype) / np.sqrt(r)
+      # jax.random.rademacher with a float32 probability: the same signs as
+      # jax.random.rademacher(key, ...) has without x64, where under x64 it
+      # would draw them from float64 uniforms.
+      signs = jax.random.bernoulli(key, np.float32(0.5), (*batch, r, d))
+      p = (2 * signs.astype(dtype) - 1) / math.sqrt(r)
     else:  # orthogonal: sqrt(d/r) times r orthonormal rows.
       g = jax.random.normal(key, (*batch, d, r), dtype)
       q, _ = jnp.linalg.qr(g)
