@@ -244,7 +244,8 @@ class MultiSteps:
       raise TypeError('`should_skip_update_fn` must be None or a callable '
                       '(updates, gradient_step, params) -> (bool, state), got '
                       f'{should_skip_update_fn!r}.')
-    _keys.check_key(key)
+    # A typed key: the PRNG implementation is fixed here, at construction.
+    self._key = _keys.typed_key(key)
     self._projector = _projection.Projector(
         rank, projection=projection, side=side,
         dimension_numbers=dimension_numbers)
@@ -259,7 +260,6 @@ class MultiSteps:
     self._should_skip_update_fn = should_skip_update_fn or _never_skip
     self._accumulator_dtype = _projection.check_float_dtype(accumulator_dtype,
                                                    'accumulator_dtype')
-    self._key = key
 
   @property
   def inner_opt(self) -> optax.GradientTransformationExtraArgs:
@@ -317,7 +317,7 @@ class MultiSteps:
 
     def do_update(state):
       cycle_key = _keys.cycle_key(state.key, state.gradient_step,
-                                  'accumulation')
+                                  'accumulation', impl=self._key)
       ps = _draw(self._projector, paths, plans, grads, cycle_key)
       accs = _accumulate(plans, ps, grads, treedef.flatten_up_to(
           state.acc_grads), state.mini_step, self._use_grad_mean)
@@ -451,7 +451,7 @@ def accumulate_gradients(
     raise TypeError(f'`use_grad_mean` must be a bool, got {use_grad_mean!r}.')
   acc_dtype = _projection.check_float_dtype(accumulator_dtype,
                                                    'accumulator_dtype')
-  _keys.check_key(key)
+  key = _keys.typed_key(key)
   sizes = {np.shape(x)[0] if np.ndim(x) else None
            for x in jax.tree.leaves(micro_batches)}
   if len(sizes) != 1 or None in sizes or 0 in sizes:

@@ -7,12 +7,34 @@ break ``np.asarray``, msgpack and ``optax.tree`` casts). A projection's key is
 
 where ``purpose`` separates momentum from accumulation (one user key never
 yields the same projection for both), ``cycle`` numbers resample cycles, and
-``leaf_id`` is a stable hash of the leaf's key path, so adding a parameter
-does not reshuffle the projections of the others.
+``leaf_id`` identifies the leaf (below).
+
+**PRNG implementation.** Every implementation JAX ships works
+(``threefry2x32``, ``rbg``, ``unsafe_rbg``, ...). The implementation is static:
+that of a typed key, or the default implementation
+(``jax_default_prng_impl``) when the optimizer is built, for an int seed or
+raw key data. The optimizers turn the user's key into a typed key once, at
+construction (:func:`typed_key`), and rewrap the stored key data with its
+implementation (``impl=`` of :func:`cycle_key`).
+
+**Leaf identity.** ``leaf_id`` is a CRC32 of the sequence of the entries of the
+leaf's key path, each reduced to its key, name or index: ``DictKey.key``,
+``GetAttrKey.name``, ``SequenceKey.idx``, ``FlattenedIndexKey.key``, with a
+final ``.value`` dropped (the attribute under which a Flax NNX ``Variable``
+holds its array). It depends on those keys and indices (and on whether each
+is an int or a string), not on the container types: the same parameters in a
+``dict``, a Flax ``FrozenDict``, an ``nnx.State`` (with or without
+``Variable`` objects), a dataclass with the same field names, or a list in
+place of a dict with keys ``0, 1, ...`` get the same projections, so a
+checkpoint restored into another container resumes exactly. Renaming or re-nesting a
+parameter changes its projections; adding a parameter does not reshuffle the
+others'. Keys of other types are rendered with ``repr``.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import zlib
 from typing import Any
 
@@ -25,61 +47,155 @@ MOMENTUM_PURPOSE = 0x6D6F6D  # 'mom'
 ACCUMULATION_PURPOSE = 0x616363  # 'acc'
 
 KeyLike = Any  # int | jax.Array (typed key or raw uint32 key data)
+ImplLike = Any  # None | str | a typed key whose implementation is meant
+
+
+def _is_typed(key: Any) -> bool:
+  return isinstance(key, jax.Array) and jax.dtypes.issubdtype(
+      key.dtype, jax.dtypes.prng_key)
+
+
+def impl_name(impl: ImplLike = None) -> str:
+  """The name of a PRNG implementation.
+
+  Args:
+    impl: ``None`` (the current ``jax_default_prng_impl``), a name such as
+      ``'rbg'``, or a typed key (its implementation).
+
+  Returns:
+    The implementation's name, e.g. ``'threefry2x32'``.
+  """
+  if impl is None:
+    return str(jax.config.jax_default_prng_impl)
+  if _is_typed(impl):
+    return str(jax.random.key_impl(impl))
+  return str(impl)
+
+
+@functools.lru_cache(maxsize=None)
+def _key_data_shape(impl: str) -> tuple[int, ...]:
+  # eval_shape: no device work, and usable while tracing.
+  return tuple(jax.eval_shape(
+      lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape)
 
 
 def _default_key_data_shape() -> tuple[int, ...]:
-  return jax.random.key_data(jax.random.key(0)).shape
+  return _key_data_shape(impl_name())
 
 
-def check_key(key: KeyLike, name: str = 'key') -> None:
+def check_key(key: KeyLike, name: str = 'key') -> str:
   """Raises a clear error at build time for a key that can not be used.
 
   Traced values (e.g. under ``optax.inject_hyperparams``) are accepted as they
   are; only their dtype is checked.
+
+  Returns:
+    The name of the PRNG implementation the key is used with: a typed key's
+    own, otherwise the current default.
   """
   if isinstance(key, bool):
     raise TypeError(f'`{name}` must be an int seed or a JAX PRNG key, got a '
                     'bool.')
   if isinstance(key, (int, np.integer)):
-    return
+    return impl_name()
   if isinstance(key, (jax.Array, np.ndarray)):
     dtype = key.dtype
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-      return
+      if key.shape != ():
+        raise ValueError(f'`{name}` must be a single typed key, got a key '
+                         f'array of shape {tuple(key.shape)}.')
+      return impl_name(key)
     if jnp.issubdtype(dtype, jnp.integer):
       shape = tuple(key.shape)
       if shape == () or (dtype == jnp.uint32 and
                          shape == _default_key_data_shape()):
-        return
+        return impl_name()
       raise ValueError(
           f'`{name}` as an integer array must be a scalar seed or raw uint32 '
-          f'key data of shape {_default_key_data_shape()}, got shape {shape} '
-          f'and dtype {dtype}.')
+          f'key data of shape {_default_key_data_shape()} (the default PRNG '
+          f'implementation, {impl_name()}), got shape {shape} and dtype '
+          f'{dtype}. For another implementation pass a typed key, e.g. '
+          "jax.random.wrap_key_data(data, impl='rbg').")
   raise TypeError(
       f'`{name}` must be an int seed, a typed key (jax.random.key) or raw '
       f'uint32 key data (jax.random.PRNGKey), got {type(key).__name__}.')
 
 
-def key_data(key: KeyLike) -> jax.Array:
-  """Canonicalises ``key`` to the raw ``uint32`` key data kept in states."""
+def typed_key(key: KeyLike, name: str = 'key') -> jax.Array:
+  """Checks ``key`` and returns it as a typed key; call it at construction.
+
+  An int seed or raw key data gets the default implementation of the moment,
+  so it is fixed when the optimizer is built. Pass the result as ``impl=`` to
+  :func:`cycle_key` with the raw key data stored in the state.
+  """
+  impl = check_key(key, name)
+  if _is_typed(key):
+    return key
+  # A concrete key even if the optimizer is built inside a trace (it may be
+  # used outside it); a traced seed stays traced.
+  with jax.ensure_compile_time_eval():
+    return wrap(key_data(key, impl), impl)
+
+
+def key_data(key: KeyLike, impl: ImplLike = None) -> jax.Array:
+  """Canonicalises ``key`` to the raw ``uint32`` key data kept in states.
+
+  Args:
+    key: an int seed, a typed key or raw key data.
+    impl: the implementation an int seed is expanded with (default: the
+      current default implementation); a typed key keeps its own.
+  """
   if isinstance(key, (int, np.integer)):
-    return jax.random.key_data(jax.random.key(int(key)))
+    return jax.random.key_data(jax.random.key(int(key), impl=impl_name(impl)))
   key = jnp.asarray(key)
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
     return jax.random.key_data(key)
   if key.ndim == 0:  # an integer seed, possibly traced
-    return jax.random.key_data(jax.random.key(key))
+    return jax.random.key_data(jax.random.key(key, impl=impl_name(impl)))
   return key.astype(jnp.uint32)
 
 
-def wrap(data: jax.Array) -> jax.Array:
-  """Raw key data back to a typed key (default implementation)."""
-  return jax.random.wrap_key_data(data)
+def wrap(data: jax.Array, impl: ImplLike = None) -> jax.Array:
+  """Raw key data back to a typed key of implementation ``impl``."""
+  name = impl_name(impl)
+  if tuple(np.shape(data)) != _key_data_shape(name):
+    raise ValueError(
+        f'Raw key data of shape {tuple(np.shape(data))} does not fit the PRNG '
+        f'implementation {name!r} (key data of shape {_key_data_shape(name)}).'
+        ' Was the state made with another implementation? Build the '
+        'optimizer with a typed key of that implementation, e.g. '
+        "jax.random.key(seed, impl='rbg').")
+  return jax.random.wrap_key_data(data, impl=name)
+
+
+def _path_entry(entry: Any) -> int | str:
+  if isinstance(entry, jax.tree_util.DictKey):
+    k = entry.key
+  elif isinstance(entry, jax.tree_util.GetAttrKey):
+    k = entry.name
+  elif isinstance(entry, jax.tree_util.SequenceKey):
+    k = entry.idx
+  elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
+    k = entry.key
+  else:
+    k = entry
+  if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+    return int(k)
+  return k if isinstance(k, str) else repr(k)
 
 
 def leaf_id(path: Any) -> int:
-  """A stable 31-bit id of a leaf's key path (the same in every process)."""
-  return zlib.crc32(jax.tree_util.keystr(path).encode('utf-8')) & 0x7FFFFFFF
+  """A stable 31-bit id of a leaf's key path (the same in every process).
+
+  It depends only on the path's keys, names and indices (see the module
+  docstring), not on the containers that hold the leaf.
+  """
+  entries = [_path_entry(e) for e in path]
+  if entries and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
+      entries[-1] == 'value'):
+    entries.pop()  # a Flax NNX Variable's array
+  text = json.dumps(entries, separators=(',', ':'), ensure_ascii=False)
+  return zlib.crc32(text.encode('utf-8')) & 0x7FFFFFFF
 
 
 def leaf_key(step_key: jax.Array, path: Any) -> jax.Array:
@@ -91,7 +207,7 @@ _PURPOSES = {'momentum': MOMENTUM_PURPOSE, 'accumulation': ACCUMULATION_PURPOSE}
 
 
 def cycle_key(key: KeyLike, cycle: jax.typing.ArrayLike,
-              purpose: str = 'momentum') -> jax.Array:
+              purpose: str = 'momentum', *, impl: ImplLike = None) -> jax.Array:
   """The key that the optimizers pass to :class:`Projector` in one cycle.
 
   With it, custom code reproduces the optimizers' projections exactly, e.g.
@@ -105,6 +221,11 @@ def cycle_key(key: KeyLike, cycle: jax.typing.ArrayLike,
     cycle: the resample cycle of :func:`compressed_momentum` (``(t - 1) //
       resample_every``) or the ``gradient_step`` of :class:`MultiSteps`.
     purpose: ``'momentum'`` or ``'accumulation'``.
+    impl: the PRNG implementation of an int seed or raw key data (e.g. the
+      ``key`` field of a state): a name such as ``'rbg'``, or a typed key
+      whose implementation to use, such as the typed key the optimizer was
+      built with. ``None``: a typed ``key``'s own, otherwise the default
+      implementation.
 
   Returns:
     A typed PRNG key.
@@ -118,6 +239,9 @@ def cycle_key(key: KeyLike, cycle: jax.typing.ArrayLike,
   if purpose not in _PURPOSES:
     raise ValueError(f'`purpose` must be one of {list(_PURPOSES)}, got '
                      f'{purpose!r}.')
-  root = wrap(key_data(key))
+  if _is_typed(key):
+    root = key
+  else:
+    root = wrap(key_data(key, impl), impl)
   return jax.random.fold_in(jax.random.fold_in(root, _PURPOSES[purpose]),
                             cycle)

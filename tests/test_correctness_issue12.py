@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -153,3 +154,310 @@ def test_core_tests_pass_with_x64():
        'no:cacheprovider', *X64_CORE_TESTS], env=env, cwd=ROOT,
       capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+
+
+# --- 3. PRNG implementations ------------------------------------------------
+
+IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')
+# Until compressed_momentum rewraps its stored key data with the
+# implementation of the key it was built with (impl= of cycle_key).
+MOMENTUM_IMPL_PENDING = pytest.mark.xfail(
+    strict=True, reason='compressed_momentum: cycle_key(..., impl=key) '
+    'pending in _momentum.py')
+
+
+def _params_and_grads():
+  k = jax.random.split(jax.random.key(1), 3)
+  params = {'w': jax.random.normal(k[0], (16, 8)),
+            'e': jax.random.normal(k[1], (2, 6, 10)),
+            'b': jnp.ones((8,))}
+  grads = [jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 1.0)), params)
+           for i in range(3)]
+  return params, grads
+
+
+def _plain(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_projector_with_every_prng_impl(impl):
+  params, (g, *_) = _params_and_grads()
+  key = jax.random.key(7, impl=impl)
+  proj = flora_optax.Projector(2)
+  ps = proj.projections(params, key)
+  c = proj.compress(g, key)
+  np.testing.assert_allclose(c['w'], g['w'] @ ps['w'].T, rtol=1e-5, atol=1e-6)
+  d = proj.decompress(c, key, g)
+  np.testing.assert_allclose(d['w'], c['w'] @ ps['w'], rtol=1e-5, atol=1e-6)
+  new = jax.random.key(8, impl=impl)
+  t = proj.transfer(c, key, new, g)
+  np.testing.assert_allclose(
+      t['w'], proj.compress(proj.decompress(c, key, g), new)['w'], rtol=1e-4,
+      atol=1e-5)
+  # The implementation is really used: the same seed with another one
+  # draws other projections.
+  other = jax.random.key(7, impl='rbg' if impl != 'rbg' else 'threefry2x32')
+  assert not np.allclose(ps['w'], proj.projections(params, other)['w'])
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_multisteps_and_accumulate_gradients_with_every_prng_impl(impl):
+  params, grads = _params_and_grads()
+  key = jax.random.key(7, impl=impl)
+  proj = flora_optax.Projector(2)
+  tx = flora_optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2, rank=2,
+                              key=key)
+  state = tx.init(params)
+  # Checkpoints stay plain arrays: raw key data of the implementation.
+  assert state.key.dtype == jnp.uint32
+  assert state.key.shape == jax.random.key_data(key).shape
+  step = jax.jit(tx.update)
+  _, state = step(grads[0], state, params)
+  state = _plain(state)  # as restored from a checkpoint
+  updates, state = step(grads[1], state, params)
+  assert bool(tx.has_updated(state))
+  micro = jax.tree.map(lambda *x: jnp.stack(x), *grads[:2])
+  want = flora_optax.accumulate_gradients(
+      lambda p, b: b, params, micro, projector=proj, step=0, key=key)
+  ck = flora_optax.cycle_key(key, 0, purpose='accumulation')
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads[:2])
+  manual = proj.decompress(proj.compress(mean, ck), ck, mean)
+  for ref in (want, manual):
+    chex_close(jax.tree.map(jnp.negative, updates), ref)
+
+
+def chex_close(a, b, rtol=1e-4, atol=1e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def _momentum_matches_manual(key, **kw):
+  """Two compressed-momentum steps (one transfer) against Projector."""
+  params, grads = _params_and_grads()
+  decay = 0.5
+  tx = flora_optax.compressed_momentum(2, decay=decay, resample_every=1,
+                                       key=key, residual=False, **kw)
+  state = tx.init(params)
+  assert state.key.dtype == jnp.uint32
+  step = jax.jit(tx.update)
+  u1, state = step(grads[0], state, params)
+  u2, state = step(grads[1], _plain(state), params)
+  proj = flora_optax.Projector(2)
+  k0 = flora_optax.cycle_key(key, 0)
+  k1 = flora_optax.cycle_key(key, 1)
+  m = jax.tree.map(lambda x: (1 - decay) * x, proj.compress(grads[0], k0))
+  chex_close(u1, proj.decompress(m, k0, params))
+  m = proj.transfer(m, k0, k1, params)
+  m = jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, m,
+                   proj.compress(grads[1], k1))
+  chex_close(u2, proj.decompress(m, k1, params))
+
+
+@MOMENTUM_IMPL_PENDING
+@pytest.mark.parametrize('impl', IMPLS[1:])
+def test_compressed_momentum_and_flora_with_every_prng_impl(impl):
+  key = jax.random.key(7, impl=impl)
+  _momentum_matches_manual(key)
+  params, grads = _params_and_grads()
+  tx = flora_optax.flora(1e-2, 2, resample_every=1, key=key,
+                         min_dim_size_to_factor=4)
+  state = tx.init(params)
+  for g in grads:
+    updates, state = jax.jit(tx.update)(g, _plain(state), params)
+  assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
+
+
+def test_compressed_momentum_with_the_default_prng_impl():
+  # Threefry (the default) already works; a guard for the marked test above.
+  _momentum_matches_manual(jax.random.key(7))
+  _momentum_matches_manual(7)
+
+
+NON_DEFAULT_IMPL_SCRIPT = '''
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import flora_optax
+
+warnings.simplefilter('ignore', flora_optax.TransferStabilityWarning)
+assert jax.config.jax_default_prng_impl == 'rbg'
+which = sys.argv[1]
+params = {'w': jnp.linspace(-1, 1, 128).reshape(16, 8), 'b': jnp.ones((8,))}
+grads = jax.tree.map(jnp.cos, params)
+proj = flora_optax.Projector(2)
+
+
+def close(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def build(seed):
+  if which == 'accumulation':
+    return flora_optax.MultiSteps(optax.sgd(-1.0), every_k_schedule=1,
+                                  rank=2, key=seed)
+  return optax.chain(flora_optax.compressed_momentum(
+      2, decay=0.0, resample_every=1, key=seed, residual=False))
+
+
+def expected(impl):
+  k = flora_optax.cycle_key(jax.random.key(3, impl=impl), 0, purpose=which)
+  return proj.decompress(proj.compress(grads, k), k, grads)
+
+
+# An int seed takes the default implementation of the moment the optimizer
+# is built; later changes of the default do not affect it.
+tx = build(3)
+state = tx.init(params)
+assert state[0].key.shape == (4,) if which == 'momentum' else (
+    state.key.shape == (4,))
+close(jax.jit(tx.update)(grads, state, params)[0], expected('rbg'))
+jax.config.update('jax_default_prng_impl', 'threefry2x32')
+close(jax.jit(tx.update)(grads, state, params)[0], expected('rbg'))
+state = tx.init(params)  # init after the change too
+close(jax.jit(tx.update)(grads, state, params)[0], expected('rbg'))
+tx = build(3)  # built under threefry
+close(jax.jit(tx.update)(grads, tx.init(params), params)[0],
+      expected('threefry2x32'))
+print('ok')
+'''
+
+
+def test_non_default_prng_impl_accumulation():
+  out = _run_python(NON_DEFAULT_IMPL_SCRIPT, 'accumulation',
+                    JAX_DEFAULT_PRNG_IMPL='rbg')
+  assert out.strip().endswith('ok')
+
+
+@MOMENTUM_IMPL_PENDING
+def test_non_default_prng_impl_momentum():
+  out = _run_python(NON_DEFAULT_IMPL_SCRIPT, 'momentum',
+                    JAX_DEFAULT_PRNG_IMPL='rbg')
+  assert out.strip().endswith('ok')
+
+
+def test_key_data_of_another_impl_is_refused_clearly():
+  data = jax.random.key_data(jax.random.key(0, impl='rbg'))
+  with pytest.raises(ValueError, match='wrap_key_data'):
+    flora_optax.MultiSteps(optax.sgd(1.0), 2, rank=2, key=data)
+  with pytest.raises(ValueError, match='single typed key'):
+    flora_optax.MultiSteps(optax.sgd(1.0), 2, rank=2,
+                           key=jax.random.split(jax.random.key(0)))
+
+
+# --- 7. Projection identity across containers -------------------------------
+
+
+class _Layer(NamedTuple):
+  kernel: jax.Array
+  bias: jax.Array
+
+
+def _nnx_model():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class Model(nnx.Module):
+
+    def __init__(self):
+      self.embed = nnx.Param(jax.random.normal(jax.random.key(0), (12, 6)))
+      self.layers = nnx.List([
+          nnx.Linear(6, 10, rngs=nnx.Rngs(i)) for i in range(2)])
+
+  return nnx, Model()
+
+
+def _containers():
+  """The same parameters held in six kinds of containers."""
+  from flax.core import FrozenDict  # pylint: disable=g-import-not-at-top
+  nnx, model = _nnx_model()
+  state = nnx.state(model, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  assert set(pure['layers']) == {0, 1}  # nnx.List: int dict keys
+  as_list = dict(pure, layers=[pure['layers'][0], pure['layers'][1]])
+  as_tuples = dict(pure, layers=[_Layer(**pure['layers'][i]) for i in (0, 1)])
+  return {
+      'dict': pure,
+      'frozen': FrozenDict(pure),
+      'nnx_state': state,  # leaves under Variables: paths end in `.value`
+      'nnx_pure_state': jax.tree.map(lambda v: v[...], state,
+                                     is_leaf=lambda x: isinstance(
+                                         x, nnx.Variable)),
+      'list': as_list,
+      'namedtuple': as_tuples,
+  }
+
+
+def _by_name(tree):
+  """Leaves by a container-independent name, for comparison."""
+  out = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    names = [str(getattr(e, 'key', getattr(e, 'name', getattr(e, 'idx', e))))
+             for e in path]
+    if names[-1] == 'value':
+      names.pop()
+    out['/'.join(names)] = np.asarray(x)
+  return out
+
+
+def test_projections_do_not_depend_on_the_container():
+  trees = _containers()
+  key = flora_optax.cycle_key(0, 1)
+  proj = flora_optax.Projector(2)
+  ref = _by_name(proj.compress(trees['dict'], key))
+  assert set(ref) == {'embed', 'layers/0/kernel', 'layers/0/bias',
+                      'layers/1/kernel', 'layers/1/bias'}
+  for name, tree in trees.items():
+    got = _by_name(proj.compress(tree, key))
+    assert got.keys() == ref.keys(), name
+    for k in ref:
+      np.testing.assert_array_equal(got[k], ref[k], err_msg=f'{name} {k}')
+
+
+def test_checkpoint_restored_into_another_container_resumes_exactly():
+  trees = _containers()
+  tx = flora_optax.compressed_momentum(2, resample_every=1)
+  grads = {n: jax.tree.map(jnp.cos, t) for n, t in trees.items()}
+
+  def run(name, steps, state=None):
+    params = trees[name]
+    state = tx.init(params) if state is None else state
+    for _ in range(steps):
+      updates, state = tx.update(grads[name], state, params)
+    return updates, state
+
+  ref, _ = run('dict', 3)
+  _, state = run('dict', 2)
+  for name in ('frozen', 'nnx_pure_state', 'list', 'namedtuple'):
+    # Restore the dict run's sketches into this container's state.
+    template = tx.init(trees[name])
+    mu = jax.tree.unflatten(jax.tree.structure(template.mu),
+                            [_by_name(state.mu)[k]
+                             for k in _by_name(template.mu)])
+    updates, _ = run(name, 1, template._replace(
+        count=state.count, mu=mu, **{
+            f: getattr(state, f) for f in template._fields
+            if f not in ('count', 'mu')}))
+    got, want = _by_name(updates), _by_name(ref)
+    for k in want:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7,
+                                 err_msg=f'{name} {k}')
+
+
+def test_leaf_id_depends_on_keys_not_on_their_rendering():
+  from flora_optax import _keys  # pylint: disable=g-import-not-at-top
+  tu = jax.tree_util
+  same = [(tu.DictKey('a'), tu.SequenceKey(0)),
+          (tu.GetAttrKey('a'), tu.DictKey(0)),
+          (tu.DictKey('a'), tu.FlattenedIndexKey(0)),
+          (tu.DictKey('a'), tu.SequenceKey(0), tu.GetAttrKey('value'))]
+  assert len({_keys.leaf_id(p) for p in same}) == 1
+  # An int key and a string key that render alike are different leaves.
+  assert _keys.leaf_id((tu.DictKey(0),)) != _keys.leaf_id((tu.DictKey('0'),))
+  assert _keys.leaf_id((tu.DictKey('a'), tu.DictKey('b'))) != _keys.leaf_id(
+      (tu.DictKey('a.b'),))
