@@ -9,11 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flora_optax._momentum import check_decay, compressed_momentum
+from flora_optax._momentum import DEFAULT_RESIDUAL, DEFAULT_SUBSPACE_SCALE
+from flora_optax._momentum import check_decay, make_compressed_momentum
 from flora_optax._projection import check_float_dtype
 from flora_optax._projection import fit_nnx_metadata
 from flora_optax._projection import (DimensionNumbersSpec, Projection, RankFn,
-                                     Side, Transfer, check_like_params)
+                                     Side, Transfer, check_choice,
+                                     check_like_params)
+
+MOMENTUM_POSITIONS = ('paper', 'optax')
+# Measured (README, "Which momentum"): in residual mode the momentum sits
+# where optax.adafactor puts it, after clipping, learning rate and parameter
+# scale.
+DEFAULT_RESIDUAL_POSITION = 'optax'
 
 
 def flora(
@@ -40,6 +48,7 @@ def flora(
     side: Side = 'smaller',
     dimension_numbers: DimensionNumbersSpec = None,
     transfer: Transfer = 'unbiased',
+    residual: bool = DEFAULT_RESIDUAL,
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor with Flora-compressed momentum.
 
@@ -75,6 +84,11 @@ def flora(
     dimension_numbers: the matrix view of higher-rank leaves.
     transfer: ``'unbiased'``, ``'projected'`` or ``'reset'`` (see
       :func:`compressed_momentum`).
+    residual: ``True`` (the default): the momentum's output is its part
+      inside the sketch's subspace plus the current update outside it, and
+      it sits after clipping, learning rate and parameter scale, as in
+      ``optax.adafactor``. ``False``: the paper's algorithm and chain order,
+      bit for bit (see :func:`compressed_momentum`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -108,6 +122,50 @@ def flora(
     Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear
     Memory Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
+  return make_flora(**locals())
+
+
+def make_flora(
+    learning_rate: optax.ScalarOrSchedule | None,
+    rank: int | RankFn,
+    *,
+    resample_every: int | None = 1000,
+    momentum: float | None = 0.9,
+    key: Any = 0,
+    nesterov: bool = False,
+    min_dim_size_to_factor: int = 128,
+    decay_rate: float = 0.8,
+    decay_offset: int = 0,
+    multiply_by_parameter_scale: bool = True,
+    clipping_threshold: float | None = 1.0,
+    # A dtype instance, not the callable jnp.float32: optax.inject_hyperparams
+    # would take a callable for a schedule.
+    dtype_momentum: Any = jnp.dtype('float32'),
+    weight_decay_rate: float | None = None,
+    eps: float = 1e-30,
+    factored: bool = True,
+    weight_decay_mask: Any = None,
+    projection: Projection = 'gaussian',
+    side: Side = 'smaller',
+    dimension_numbers: DimensionNumbersSpec = None,
+    transfer: Transfer = 'unbiased',
+    residual: bool = DEFAULT_RESIDUAL,
+    momentum_position: str | None = None,
+    subspace_scale: str = DEFAULT_SUBSPACE_SCALE,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`flora` with the measured choices as arguments.
+
+  Not public: ``benchmarks/quality.py`` builds the variants it compares with
+  it. ``momentum_position`` is ``'paper'`` (right after
+  ``scale_by_factored_rms``, the paper's order) or ``'optax'`` (after
+  clipping, learning rate and parameter scale, ``optax.adafactor``'s order);
+  ``None`` picks the default of the mode (``'paper'`` with
+  ``residual=False``). ``subspace_scale``: see
+  ``make_compressed_momentum``.
+  """
+  if momentum_position is None:
+    momentum_position = DEFAULT_RESIDUAL_POSITION if residual else 'paper'
+  check_choice(momentum_position, 'momentum_position', MOMENTUM_POSITIONS)
   # Under optax.inject_hyperparams every number arrives as an array; those
   # that set state shapes can not be traced, so they must be static_args.
   for name, value in (('rank', rank),
@@ -125,25 +183,31 @@ def flora(
       optax.scale_by_factored_rms(factored, decay_rate, decay_offset,
                                   min_dim_size_to_factor, eps)
   ]
+  momentum_tx = None
   if momentum is not None:
-    tx.append(
-        compressed_momentum(
-            rank,
-            decay=momentum,
-            resample_every=resample_every,
-            nesterov=nesterov,
-            key=key,
-            accumulator_dtype=dtype_momentum,
-            projection=projection,
-            side=side,
-            dimension_numbers=dimension_numbers,
-            transfer=transfer))
+    momentum_tx = make_compressed_momentum(
+        rank,
+        decay=momentum,
+        resample_every=resample_every,
+        nesterov=nesterov,
+        key=key,
+        accumulator_dtype=dtype_momentum,
+        projection=projection,
+        side=side,
+        dimension_numbers=dimension_numbers,
+        transfer=transfer,
+        residual=residual,
+        subspace_scale=subspace_scale)
+  if momentum_tx is not None and momentum_position == 'paper':
+    tx.append(momentum_tx)
   if clipping_threshold is not None:
     tx.append(optax.clip_by_block_rms(clipping_threshold))
   if learning_rate is not None:
     tx.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
   if multiply_by_parameter_scale:
     tx.append(optax.scale_by_param_block_rms())
+  if momentum_tx is not None and momentum_position == 'optax':
+    tx.append(momentum_tx)
   if weight_decay_rate is not None:
     tx.append(optax.add_decayed_weights(weight_decay_rate,
                                         mask=weight_decay_mask))

@@ -26,12 +26,17 @@ class CompressedMomentumState(NamedTuple):
 
   Attributes:
     count: number of updates so far (``int32``, saturating).
+    cycle: the resample cycle whose projection the sketches are in
+      (``int32``). Kept rather than derived from ``count``, so that a
+      ``resample_every`` changed at run time (``optax.inject_hyperparams``)
+      transfers the sketches from the projection they are really in.
     key: raw ``uint32`` key data the projections derive from.
     mu: per leaf, the momentum sketch (compressed leaves) or the dense first
       moment (other leaves), in ``accumulator_dtype``.
   """
 
   count: jax.Array  # shape=(), dtype=jnp.int32
+  cycle: jax.Array  # shape=(), dtype=jnp.int32
   key: jax.Array  # shape=(2,), dtype=jnp.uint32
   mu: optax.Updates
 
@@ -99,6 +104,14 @@ def _warn_unstable(plans: Any, decay: Any, resample_every: Any,
         stacklevel=3)
 
 
+SUBSPACE_SCALES = ('projection', 'unbiased')
+# Measured choices of the residual mode (README, "Which momentum"): the part
+# of the momentum inside the subspace is its orthogonal projection, and
+# residual=True is the default.
+DEFAULT_SUBSPACE_SCALE = 'projection'
+DEFAULT_RESIDUAL = True
+
+
 def compressed_momentum(
     rank: int | RankFn,
     *,
@@ -111,6 +124,7 @@ def compressed_momentum(
     side: Side = 'smaller',
     dimension_numbers: DimensionNumbersSpec = None,
     transfer: Transfer = 'unbiased',
+    residual: bool = DEFAULT_RESIDUAL,
 ) -> optax.GradientTransformationExtraArgs:
   r"""An exponential moving average of updates kept as a random sketch.
 
@@ -120,21 +134,46 @@ def compressed_momentum(
 
   1. on the first step of a new cycle, ``C ← transfer(C, P_{c-1}, P_c)``;
   2. ``C ← β C + (1 - β) compress_c(g_t)``;
-  3. the update is ``decompress_c(C)``, or with ``nesterov=True``
-     ``β decompress_c(C) + (1 - β) g_t``.
+  3. the update is, with ``residual=True`` (the default),
+     ``Π_c M + (I - Π_c) g_t``: the momentum inside the row space of
+     ``P_c`` (``Π_c = P_cᵀ (P_c P_cᵀ)⁻¹ P_c``, its orthogonal projector,
+     applied through the ``r×r`` Gram matrix) plus the part of the current
+     update that the sketch can not hold, passed through without state.
+     With ``residual=False`` (the paper's Algorithm 2) it is the unbiased
+     ``decompress_c(C)``.
+
+  ``nesterov=True`` replaces the momentum term by ``β·(momentum) + (1 - β)·
+  (its input)``, restricted to the subspace in residual mode.
+
+  Why residual is the default: the paper's output ``decompress_c(C)`` has a
+  relative error of about ``sqrt(d/r)`` and, within a cycle, every update lies
+  in one ``r``-dimensional subspace; measured, it trains worse than no
+  momentum at all. The residual output keeps every direction of the update
+  and the momentum where the sketch has it (the idea of FRUGAL and Fira, here
+  with key-derived projections). The state and its size are the same in both
+  modes; a residual step costs the same two ``O(n·m·r)`` products plus an
+  ``r×r`` inverse.
 
   Leaves that are not compressed keep an exact dense EMA (``optax.ema`` without
-  debiasing). With ``resample_every=None`` the projection never changes: the
-  result equals LoRA with a frozen random ``A``.
+  debiasing) in both modes. With ``resample_every=None`` the projection never
+  changes: with ``residual=False`` the result equals LoRA with a frozen random
+  ``A``. With ``r = d`` and ``'orthogonal'`` both modes equal ``optax.ema``.
 
-  Transfer stability: an unbiased transfer multiplies the expected norm of the
-  carried momentum by about ``sqrt(d/r)`` while the EMA shrinks it by
+  Transfer: in residual mode the carried momentum ``Π_{c-1} M`` is projected
+  onto the new subspace (``transfer='unbiased'`` and ``'projected'`` coincide
+  there, and never increase its norm; ``'reset'`` starts from zero). In paper
+  mode, an unbiased transfer multiplies the expected norm of the carried
+  momentum by about ``sqrt(d/r)`` while the EMA shrinks it by
   ``β**resample_every`` between transfers. When ``β**κ · sqrt(d/r) > 1`` the
   momentum grows without bound; ``init`` then warns
   (:class:`TransferStabilityWarning`). ``transfer='projected'`` re-projects
   through the pseudo-inverse of the new projection instead (never increases
   the norm, biased towards zero by about ``r/d``); ``transfer='reset'`` starts
   each cycle from zero.
+
+  ``resample_every`` may change at run time (``optax.inject_hyperparams``):
+  the state keeps the cycle its sketches are in, and the first step in another
+  cycle transfers them from that cycle's projection.
 
   Limits: the step counter is ``int32`` and saturates at ``2**31 - 1``; from
   then on the cycle, and so the projection, stays fixed (no more transfers).
@@ -157,6 +196,9 @@ def compressed_momentum(
     dimension_numbers: the matrix view of higher-rank leaves (see
       :class:`Projector`).
     transfer: ``'unbiased'`` (the paper's), ``'projected'`` or ``'reset'``.
+    residual: output the momentum inside the subspace plus the current
+      update outside it (``True``, the default), or the paper's decompressed
+      sketch (``False``, Algorithm 2 bit for bit).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -175,9 +217,54 @@ def compressed_momentum(
     >>> jax.tree.map(jnp.shape, updates)
     {'b': (32,), 'w': (64, 32)}
 
+    The first update of a residual momentum is the gradient itself (the
+    momentum inside the subspace is the gradient's projection there):
+
+    >>> tx = flora_optax.compressed_momentum(rank=8, decay=0.0)
+    >>> out, _ = tx.update(grads, tx.init(params))
+    >>> bool(jnp.allclose(out['w'], grads['w'], atol=1e-5))
+    True
+
   References:
     Hao, Cao and Mou, `Flora: Low-Rank Adapters Are Secretly Gradient
     Compressors <https://arxiv.org/abs/2402.03293>`_, ICML 2024.
+
+    Zmushko et al., `FRUGAL: Memory-Efficient Optimization by Reducing State
+    Overhead for Scalable Training <https://arxiv.org/abs/2411.07837>`_,
+    2024.
+
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024.
+  """
+  return make_compressed_momentum(
+      rank, decay=decay, resample_every=resample_every, nesterov=nesterov,
+      key=key, accumulator_dtype=accumulator_dtype, projection=projection,
+      side=side, dimension_numbers=dimension_numbers, transfer=transfer,
+      residual=residual)
+
+
+def make_compressed_momentum(
+    rank: int | RankFn,
+    *,
+    decay: float = 0.9,
+    resample_every: int | None = 1000,
+    nesterov: bool = False,
+    key: Any = 0,
+    accumulator_dtype: Any = jnp.dtype('float32'),
+    projection: Projection = 'gaussian',
+    side: Side = 'smaller',
+    dimension_numbers: DimensionNumbersSpec = None,
+    transfer: Transfer = 'unbiased',
+    residual: bool = DEFAULT_RESIDUAL,
+    subspace_scale: str = DEFAULT_SUBSPACE_SCALE,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`compressed_momentum` with the measured choices as arguments.
+
+  Not public: ``benchmarks/quality.py`` builds the variants it compares with
+  it. ``subspace_scale`` (residual mode only) is how the momentum inside the
+  subspace is output: ``'projection'`` (``Π M``, the default) or
+  ``'unbiased'`` (``decompress(C)``, about ``d/r`` times larger, with the
+  paper's transfer).
   """
   projector = _projection.Projector(
       rank, projection=projection, side=side,
@@ -185,20 +272,53 @@ def compressed_momentum(
   check_decay(decay)
   check_resample_every(resample_every)
   _projection.check_choice(transfer, 'transfer', _projection.TRANSFERS)
+  _projection.check_choice(subspace_scale, 'subspace_scale', SUBSPACE_SCALES)
   _keys.check_key(key)
-  if not isinstance(nesterov, bool):
-    raise TypeError(f'`nesterov` must be a bool, got {nesterov!r}.')
+  for name, value in (('nesterov', nesterov), ('residual', residual)):
+    if not isinstance(value, bool):
+      raise TypeError(f'`{name}` must be a bool, got {value!r}.')
   acc_dtype = _projection.check_float_dtype(accumulator_dtype,
                                             'accumulator_dtype')
+  # In residual mode with the projection scale the state's momentum is
+  # ``Π M`` and a transfer projects it onto the new subspace, a contraction.
+  projected_state = residual and subspace_scale == 'projection'
 
   def init_fn(params: optax.Params) -> CompressedMomentumState:
     plans = projector.plan(params)
-    _warn_unstable(plans, decay, resample_every, transfer)
+    if not projected_state:
+      _warn_unstable(plans, decay, resample_every, transfer)
     mu = jax.tree.map(
         lambda pl, x: _projection.sketch_zeros(pl, x, acc_dtype), plans, params)
     mu = _projection.fit_nnx_metadata(params, mu, plans)
+    zero = jnp.zeros([], jnp.int32)
     return CompressedMomentumState(
-        count=jnp.zeros([], jnp.int32), key=_keys.key_data(key), mu=mu)
+        count=zero, cycle=zero, key=_keys.key_data(key), mu=mu)
+
+  def carry(plan, m, p_old, p_new, sharding):
+    """The sketch ``m`` made with ``p_old``, moved to ``p_new``."""
+    if projected_state and transfer != 'reset':
+      m = plan.subspace_coordinates(m, p_old, projection, sharding)
+      return plan.transfer(m, p_old, p_new, 'unbiased', sharding)
+    return plan.transfer(m, p_old, p_new, transfer, sharding)
+
+  def output(plan, g, s, new_m, p, sharding):
+    """The update of a compressed leaf from its input ``g``, ``s = C(g)``."""
+    if not residual:
+      out = plan.decompress(new_m, p, sharding)
+      return decay * out + (1 - decay) * g if nesterov else out
+    # out = (I - Π) g + (momentum in the subspace)
+    #     = g + decompress(coef): one decompression, as in paper mode.
+    gram_inv = (None if projection == 'orthogonal' else
+                plan.gram_inverse(p, projection))
+    if subspace_scale == 'projection':
+      coef = plan.subspace_coordinates(new_m - s, p, projection, sharding,
+                                       gram_inv)
+    else:
+      coef = new_m - plan.subspace_coordinates(s, p, projection, sharding,
+                                               gram_inv)
+    if nesterov:  # β·(momentum) + (1-β)·Π g inside the subspace
+      coef = decay * coef
+    return g + plan.decompress(coef, p, sharding)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -208,47 +328,47 @@ def compressed_momentum(
     del params
     count = optax.safe_increment(state.count)
     if resample_every is None:
-      cycle = jnp.zeros([], jnp.int32)
-      new_cycle = jnp.zeros([], bool)
+      cycle = state.cycle
+      new_cycle = None
     else:
-      k = jnp.asarray(resample_every, jnp.int32)
-      cycle = (count - 1) // k
       # A saturated counter (2**31 - 1) no longer advances: the cycle, and
       # with it the projection, then stays fixed and nothing is transferred.
-      new_cycle = (count > state.count) & (count > 1) & (
-          (count - 1) % k == 0)
+      k = jnp.asarray(resample_every, jnp.int32)
+      cycle = jnp.where(count > state.count, (count - 1) // k, state.cycle)
+      new_cycle = cycle != state.cycle
     new_key = _keys.cycle_key(state.key, cycle, 'momentum')
-    old_key = _keys.cycle_key(state.key, cycle - 1, 'momentum')
+    old_key = _keys.cycle_key(state.key, state.cycle, 'momentum')
 
     def leaf(path, plan, g, m):
       dt = jnp.promote_types(g.dtype, jnp.float32)
       g32 = g.astype(dt)
       if plan.dense:
         new_m = (1 - decay) * g32 + decay * m.astype(dt)
-        out = new_m
-      else:
-        sharding = _projection.explicit_sharding(g)
-        p = plan.projection(_keys.leaf_key(new_key, path), projection, dt)
-        m = m.astype(dt)
-        if resample_every is not None:
-          # The old projection is only drawn on the first step of a cycle.
-          m = jax.lax.cond(
-              new_cycle,
-              lambda m: plan.transfer(
-                  m,
-                  plan.projection(_keys.leaf_key(old_key, path), projection,
-                                  dt), p, transfer, sharding),
-              lambda m: m, m)
-        new_m = (1 - decay) * plan.compress(g32, p, sharding) + decay * m
-        out = plan.decompress(new_m, p, sharding)
-      if nesterov:
-        out = decay * out + (1 - decay) * g32
+        out = decay * new_m + (1 - decay) * g32 if nesterov else new_m
+        return out.astype(g.dtype), new_m.astype(acc_dtype)
+      sharding = _projection.explicit_sharding(g)
+      p = plan.projection(_keys.leaf_key(new_key, path), projection, dt)
+      m = m.astype(dt)
+      if new_cycle is not None:
+        # The old projection is only drawn on the first step of a cycle.
+        m = jax.lax.cond(
+            new_cycle,
+            lambda m: carry(
+                plan, m,
+                plan.projection(_keys.leaf_key(old_key, path), projection, dt),
+                p, sharding),
+            lambda m: m, m)
+      s = plan.compress(g32, p, sharding)
+      new_m = (1 - decay) * s + decay * m
+      out = output(plan, g32, s, new_m, p, sharding)
       return out.astype(g.dtype), new_m.astype(acc_dtype)
 
     pairs = jax.tree_util.tree_map_with_path(leaf, plans, updates, state.mu)
-    new_updates = jax.tree.map(lambda _, x: x[0], plans, pairs)
-    new_mu = jax.tree.map(lambda _, x: x[1], plans, pairs)
+    new_updates, new_mu = jax.tree.transpose(
+        jax.tree.structure(plans, is_leaf=lambda x: isinstance(
+            x, _projection.LeafPlan)),
+        jax.tree.structure((0, 0)), pairs)
     return new_updates, CompressedMomentumState(
-        count=count, key=state.key, mu=new_mu)
+        count=count, cycle=cycle, key=state.key, mu=new_mu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -210,6 +210,11 @@ class LeafPlan:
                         f'{self._rr_labels()}', p_new, p_new)
       t = jnp.swapaxes(jnp.linalg.solve(gram, jnp.swapaxes(t, -1, -2)), -1,
                        -2)
+    return self.apply_rr(c, t, sharding)
+
+  def apply_rr(self, c: jax.Array, t: jax.Array,
+               sharding: NamedSharding | None = None) -> jax.Array:
+    """Multiplies the rank axis of a sketch by ``t`` (``(*batch, r, r')``)."""
     subscripts = (f'{self._s_labels(_R)},{self._rr_labels()}->'
                   f'{self._s_labels(_R2)}')
     if sharding is None:
@@ -218,6 +223,42 @@ class LeafPlan:
     t = jax.sharding.reshard(t, _like(sharding, self._rr_spec(sharding.spec)))
     return jnp.einsum(subscripts, c, t, out_sharding=_like(
         sharding, self.sketch_spec(sharding.spec)))
+
+  # --- the row space of P (residual momentum) ----------------------------
+  # ``Π = Pᵀ (P Pᵀ)⁻¹ P`` is the orthogonal projector onto the row space of
+  # ``P``. Applied to a sketch ``C = G Pᵀ`` it reads ``Π G = (C (P Pᵀ)⁻¹) P``:
+  # only the ``r×r`` Gram matrix is formed, never a ``d×d`` one.
+  def gram_inverse(self, p: jax.Array, projection: Projection) -> jax.Array:
+    """``(P Pᵀ)⁻¹`` with shape ``(*batch, r, r)``.
+
+    For ``'orthogonal'`` ``P Pᵀ = (d/r) I`` exactly, so no inverse is
+    computed; for the others it is an ``r×r`` inverse per batch element.
+    """
+    batch = tuple(self.shape[a] for a in self.batch_axes)
+    if projection == 'orthogonal':
+      eye = jnp.eye(self.rank, dtype=p.dtype) * (self.rank / self.d)
+      return jnp.broadcast_to(eye, (*batch, self.rank, self.rank))
+    gram = jnp.einsum(f'{self._p_labels(_R)},{self._p_labels(_R2)}->'
+                      f'{self._rr_labels()}', p, p)
+    return jnp.linalg.inv(gram)
+
+  def subspace_coordinates(self, c: jax.Array, p: jax.Array,
+                           projection: Projection,
+                           sharding: NamedSharding | None = None,
+                           gram_inverse: jax.Array | None = None) -> jax.Array:
+    """``C (P Pᵀ)⁻¹``: the sketch whose decompression is ``Π G``."""
+    if projection == 'orthogonal':
+      return c * (self.rank / self.d)
+    if gram_inverse is None:
+      gram_inverse = self.gram_inverse(p, projection)
+    return self.apply_rr(c, gram_inverse, sharding)
+
+  def project(self, g: jax.Array, p: jax.Array, projection: Projection,
+              sharding: NamedSharding | None = None) -> jax.Array:
+    """``Π G``: the orthogonal projection of ``g`` onto the row space of ``p``."""
+    c = self.compress(g, p, sharding)
+    return self.decompress(
+        self.subspace_coordinates(c, p, projection, sharding), p, sharding)
 
 
 def _padded(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
@@ -655,6 +696,36 @@ class Projector:
                            explicit_sharding(x))
 
     return jax.tree_util.tree_map_with_path(f, self.plan(like), sketches, like)
+
+  def project(self, tree: Any, key: jax.Array) -> Any:
+    """Projects every leaf orthogonally onto the row space of its ``P``.
+
+    For a compressed leaf this is ``Π G`` with ``Π = Pᵀ (P Pᵀ)⁻¹ P`` along
+    the compressed axis: symmetric, idempotent, exact for ``'orthogonal'``
+    and computed through the ``r×r`` Gram matrix ``P Pᵀ`` for the others
+    (never a ``d×d`` matrix, and ``P`` is not stored). ``G - Π G`` is the
+    part of ``G`` that a sketch made with ``key`` can not hold: the residual
+    that ``compressed_momentum(residual=True)`` passes through. Dense leaves
+    are returned unchanged (their projector is the identity).
+
+    Args:
+      tree: a pytree of full-size arrays.
+      key: a typed key or raw key data, as for :meth:`compress`.
+
+    Returns:
+      A tree like ``tree``, computed in at least float32.
+    """
+    key = _as_typed(key)
+
+    def f(path, plan, g):
+      if plan.dense:
+        return g
+      dt = self._compute_dtype(g)
+      p = plan.projection(_keys.leaf_key(key, path), self.projection, dt)
+      return plan.project(g.astype(dt), p, self.projection,
+                          explicit_sharding(g))
+
+    return jax.tree_util.tree_map_with_path(f, self.plan(tree), tree)
 
 
 def _as_typed(key: Any) -> jax.Array:

@@ -86,7 +86,7 @@ TARGETS = [_parabola, _rosenbrock, _matrix, _mixed, _wide_matrix]
 def _is_compressed(opt, params):
   state = opt.init(params)
   return any(m.shape != p.shape for m, p in zip(
-      jax.tree.leaves(state[1].mu), jax.tree.leaves(params)))
+      jax.tree.leaves(optax.tree.get(state, 'mu')), jax.tree.leaves(params)))
 
 
 @pytest.mark.parametrize('target', TARGETS, ids=lambda t: t.__name__[1:])

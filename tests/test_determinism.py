@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent('''
         u, state = step(tree(t + 1), state, p)
         p = optax.apply_updates(p, u)
       out['flora_params'] = p
-      out['flora_mu'] = state[1].mu
+      out['flora_mu'] = optax.tree.get(state, 'mu')
       ms = flora_optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2,
                                   rank=2, key=3)
       state = ms.init(params)

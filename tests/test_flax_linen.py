@@ -52,8 +52,9 @@ def test_train_state_matches_a_plain_optax_loop(kind):
   state = train_state.TrainState.create(apply_fn=model.apply, params=params,
                                         tx=tx)
   # Sketches, not full-size momenta, for the compressed kernels.
-  mu = (state.opt_state.inner_opt_state if kind == 'multisteps' else
-        state.opt_state)[1].mu
+  mu = optax.tree.get(
+      state.opt_state.inner_opt_state if kind == 'multisteps' else
+      state.opt_state, 'mu')
   assert mu['Dense_0']['kernel'].shape == (3, 16)
   assert mu['Dense_1']['kernel'].shape == (16, 3)
   traces = []

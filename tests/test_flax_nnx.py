@@ -100,7 +100,7 @@ def _train_optax(kind, steps=STEPS):
 
 def _mu(opt_state, kind):
   inner = opt_state.inner_opt_state if kind == 'multisteps' else opt_state
-  return inner[1].mu
+  return optax.tree.get(inner, 'mu')
 
 
 @pytest.mark.parametrize('kind', ['flora', 'multisteps'])

@@ -24,23 +24,37 @@ def _grads(params, t):
                                                      x.size), x.shape), params)
 
 
-def _reference_chain(lr, momentum, weight_decay):
+def _reference_chain(lr, momentum, weight_decay, position='paper'):
+  """The same chain from optax's public transforms, momentum at ``position``.
+
+  ``'paper'``: the paper's order (flora with ``residual=False``); ``'optax'``:
+  ``optax.adafactor``'s.
+  """
+  ema = [optax.ema(momentum, debias=False)]
   return optax.chain(
       optax.scale_by_factored_rms(),
-      optax.ema(momentum, debias=False),
+      *(ema if position == 'paper' else []),
       optax.clip_by_block_rms(1.0),
       optax.scale_by_learning_rate(lr, flip_sign=False),
       optax.scale_by_param_block_rms(),
+      *(ema if position == 'optax' else []),
       optax.add_decayed_weights(weight_decay),
       optax.scale(-1),
   )
 
 
+def _position(residual):
+  return (flora_optax._alias.DEFAULT_RESIDUAL_POSITION if residual else
+          'paper')
+
+
+@pytest.mark.parametrize('residual', [False, True])
 @pytest.mark.parametrize('lr', [1e-2, optax.linear_schedule(1e-2, 1e-3, 5)])
-def test_compression_off_equals_the_optax_chain(lr):
+def test_compression_off_equals_the_optax_chain(lr, residual):
   params = _params()
-  ours = flora_optax.flora(lr, DENSE, momentum=0.9, weight_decay_rate=1e-3)
-  ref = _reference_chain(lr, 0.9, 1e-3)
+  ours = flora_optax.flora(lr, DENSE, momentum=0.9, weight_decay_rate=1e-3,
+                           residual=residual)
+  ref = _reference_chain(lr, 0.9, 1e-3, _position(residual))
   p1, p2 = params, params
   s1, s2 = ours.init(p1), ref.init(p2)
   for t in range(6):
@@ -49,6 +63,31 @@ def test_compression_off_equals_the_optax_chain(lr):
     u2, s2 = ref.update(g, s2, p2)
     chex.assert_trees_all_close(u1, u2, rtol=1e-6, atol=1e-7)
     p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+
+
+def test_residual_compression_off_is_optax_adafactor_in_its_order():
+  # In optax.adafactor's order (the residual default, measured best), flora
+  # without compression is optax.adafactor with momentum, bit for bit.
+  if _position(True) != 'optax':
+    pytest.skip('the residual default is not in optax.adafactor order')
+  params = _params()
+  ours = flora_optax.flora(1e-2, DENSE, momentum=0.9, weight_decay_rate=1e-3)
+  ref = optax.adafactor(1e-2, momentum=0.9, weight_decay_rate=1e-3)
+  s1, s2 = ours.init(params), ref.init(params)
+  for t in range(4):
+    g = _grads(params, t)
+    u1, s1 = ours.update(g, s1, params)
+    u2, s2 = ref.update(g, s2, params)
+    chex.assert_trees_all_equal(u1, u2)
+
+
+def test_make_flora_takes_the_arguments_of_flora():
+  import inspect  # pylint: disable=g-import-not-at-top
+  pub = inspect.signature(flora_optax.flora).parameters
+  full = dict(inspect.signature(flora_optax._alias.make_flora).parameters)
+  assert set(full) - set(pub) == {'momentum_position', 'subspace_scale'}
+  for name, param in pub.items():
+    assert full[name] == param, name
 
 
 def test_without_momentum_equals_optax_adafactor():
@@ -62,12 +101,13 @@ def test_without_momentum_equals_optax_adafactor():
     chex.assert_trees_all_close(u1, u2, rtol=1e-6)
 
 
-def test_full_rank_orthogonal_equals_the_optax_chain():
+@pytest.mark.parametrize('residual', [False, True])
+def test_full_rank_orthogonal_equals_the_optax_chain(residual):
   params = _params()
   full = lambda path, x: min(x.shape)
   ours = flora_optax.flora(1e-2, full, projection='orthogonal',
-                           resample_every=2)
-  ref = _reference_chain(1e-2, 0.9, 0.0)
+                           resample_every=2, residual=residual)
+  ref = _reference_chain(1e-2, 0.9, 0.0, _position(residual))
   s1, s2 = ours.init(params), ref.init(params)
   update = jax.jit(ours.update)
   for t in range(5):
@@ -86,7 +126,8 @@ def test_state_is_smaller_than_adafactor_with_momentum():
   ours = nbytes(flora_optax.flora(1e-3, 32))
   ada = nbytes(optax.adafactor(1e-3, momentum=0.9))
   # Momentum sketch 1024x32 instead of 1024x512; factored rms the same.
-  assert ada - ours == 4 * (1024 * 512 - 1024 * 32) - 8  # key data
+  # Minus flora's key data (2 uint32) and resample cycle (one int32).
+  assert ada - ours == 4 * (1024 * 512 - 1024 * 32) - 8 - 4
   assert ours < 0.1 * ada
 
 

@@ -50,10 +50,13 @@ def _reference_momentum(key, kappa, count, mu, grads_seq, decay):
 def test_momentum_cycles_up_to_and_past_int32_max(kappa):
   key, decay, start = 5, 0.5, INT32_MAX - 5
   tx = flora_optax.compressed_momentum(RANK, decay=decay, resample_every=kappa,
-                                       key=key)
+                                       key=key, residual=False)
   like = _tree(0)
   mu0 = flora_optax.Projector(RANK).compress(_tree(1), jax.random.key(9))
-  state = tx.init(like)._replace(count=jnp.asarray(start, jnp.int32), mu=mu0)
+  # The state after `start` steps: its sketch is in the cycle of step start.
+  state = tx.init(like)._replace(
+      count=jnp.asarray(start, jnp.int32),
+      cycle=jnp.asarray((start - 1) // kappa, jnp.int32), mu=mu0)
   grads = [_tree(t + 2) for t in range(9)]
   ref_outs, ref_mu, ref_count = _reference_momentum(key, kappa, start, mu0,
                                                     grads, decay)
@@ -68,12 +71,14 @@ def test_momentum_cycles_up_to_and_past_int32_max(kappa):
 def test_saturated_counter_neither_resamples_nor_transfers():
   # kappa = 1: every non-saturated step is a new cycle, so a spurious
   # transfer at the limit would show at once.
-  tx = flora_optax.compressed_momentum(RANK, decay=0.5, resample_every=1)
+  tx = flora_optax.compressed_momentum(RANK, decay=0.5, resample_every=1,
+                                       residual=False)
   like = _tree(0)
   proj = flora_optax.Projector(RANK)
   key_c = flora_optax.cycle_key(0, INT32_MAX - 1, 'momentum')
   mu = proj.compress(_tree(1), key_c)
   state = tx.init(like)._replace(count=jnp.asarray(INT32_MAX, jnp.int32),
+                                 cycle=jnp.asarray(INT32_MAX - 1, jnp.int32),
                                  mu=mu)
   for t in range(3):
     g = _tree(t + 2)
@@ -157,5 +162,10 @@ def test_hundred_thousand_updates_stay_finite_and_converge(name):
   chex.assert_tree_all_finite((params, state))
   # 1000 resamples (and transfers) later, the loss is at the optimum.
   assert float(loss(params)) < 1e-8 * losses[0]
-  counts = [x for x in jax.tree.leaves(state) if x.dtype == jnp.int32]
-  assert all(int(c) == N_STEPS for c in counts)
+  is_mom = lambda x: isinstance(x, flora_optax.CompressedMomentumState)
+  (momentum,) = [x for x in jax.tree.leaves(state, is_leaf=is_mom)
+                 if is_mom(x)]
+  assert int(momentum.cycle) == (N_STEPS - 1) // 100
+  counts = [x for x in jax.tree.leaves(state)
+            if x.dtype == jnp.int32 and x is not momentum.cycle]
+  assert counts and all(int(c) == N_STEPS for c in counts)

@@ -31,11 +31,13 @@ def _grads(params, step):
       treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
+@pytest.mark.parametrize('residual', [False, True])
 @pytest.mark.parametrize('nesterov', [False, True])
-def test_full_rank_orthogonal_equals_dense_ema(nesterov):
+def test_full_rank_orthogonal_equals_dense_ema(nesterov, residual):
   params = _params()
   tx = compressed_momentum(FULL, decay=0.8, resample_every=3,
-                           projection='orthogonal', nesterov=nesterov)
+                           projection='orthogonal', nesterov=nesterov,
+                           residual=residual)
   ema = optax.ema(0.8, debias=False)
   s, se = tx.init(params), ema.init(params)
   update = jax.jit(tx.update)
@@ -58,7 +60,8 @@ def test_lora_with_frozen_a_equals_momentum_without_resampling():
 
   key = 123
   tx = optax.chain(
-      compressed_momentum(r, decay=0.0, resample_every=None, key=key),
+      compressed_momentum(r, decay=0.0, resample_every=None, key=key,
+                          residual=False),
       optax.sgd(lr))
   # The frozen A is exactly the projection the momentum uses in cycle 0.
   a = Projector(r).projections({'w': w0}, flora_optax.cycle_key(key, 0))['w']
@@ -146,7 +149,8 @@ def test_deterministic_in_and_out_of_jit():
 
 def test_projection_changes_each_cycle_and_not_within():
   params = {'w': jnp.zeros((16, 32))}
-  tx = compressed_momentum(4, decay=0.0, resample_every=2, key=0)
+  tx = compressed_momentum(4, decay=0.0, resample_every=2, key=0,
+                           residual=False)
   g = {'w': jax.random.normal(jax.random.key(0), (16, 32))}
   s = tx.init(params)
   outs = []
@@ -164,9 +168,10 @@ def test_projection_changes_each_cycle_and_not_within():
       rtol=1e-5, atol=1e-5)
 
 
-def _run_norms(transfer, steps=150):
+def _run_norms(transfer, steps=150, residual=False):
   params = {'w': jnp.zeros((8, 64))}  # d/r = 8 with r = 1
-  tx = compressed_momentum(1, decay=0.9, resample_every=1, transfer=transfer)
+  tx = compressed_momentum(1, decay=0.9, resample_every=1, transfer=transfer,
+                           residual=residual)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', flora_optax.TransferStabilityWarning)
     s = tx.init(params)
@@ -183,12 +188,21 @@ def _run_norms(transfer, steps=150):
 
 def test_unbiased_transfer_diverges_when_unstable_and_safe_options_do_not():
   with pytest.warns(flora_optax.TransferStabilityWarning, match='sqrt'):
-    compressed_momentum(1, decay=0.9, resample_every=1).init(
+    compressed_momentum(1, decay=0.9, resample_every=1, residual=False).init(
         {'w': jnp.zeros((8, 64))})
   unsafe = _run_norms('unbiased')
   assert not np.isfinite(unsafe[-1]) or unsafe[-1] > 1e10
   for method in ('projected', 'reset'):
     safe = _run_norms(method)
+    assert np.all(np.isfinite(safe)) and safe.max() < 1e3, (method, safe.max())
+  # Residual mode carries the projected momentum: a contraction, whatever
+  # the transfer argument (no warning either).
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    compressed_momentum(1, decay=0.9, resample_every=1).init(
+        {'w': jnp.zeros((8, 64))})
+  for method in ('unbiased', 'projected'):
+    safe = _run_norms(method, residual=True)
     assert np.all(np.isfinite(safe)) and safe.max() < 1e3, (method, safe.max())
 
 

@@ -84,7 +84,7 @@ def test_float16_overflows_only_in_the_final_cast():
   # gradient's largest entry, so float16 gradients near 65504 can give inf
   # updates; the float32 state stays finite and the infs are exactly where
   # the float32 result rounds beyond float16's range.
-  tx = flora_optax.compressed_momentum(3, decay=0.0, key=4)
+  tx = flora_optax.compressed_momentum(3, decay=0.0, key=4, residual=False)
   g = {'w': jnp.full((12, 20), 6e4, jnp.float16),
        'b': jnp.full((20,), 6e4, jnp.float16)}
   (out,), state = _run(tx, [g])
@@ -94,6 +94,10 @@ def test_float16_overflows_only_in_the_final_cast():
   assert overflow.any() and not overflow.all()
   np.testing.assert_array_equal(np.isinf(np.asarray(out['w'])), overflow)
   np.testing.assert_array_equal(out['b'], g['b'])  # dense: exact
+  # The residual output of a decay-0 momentum is g itself (its projection
+  # plus the rest): bounded by g, so no overflow.
+  (out,), _ = _run(flora_optax.compressed_momentum(3, decay=0.0, key=4), [g])
+  np.testing.assert_allclose(np.asarray(out['w'], np.float32), 6e4, rtol=1e-3)
 
 
 @pytest.mark.parametrize('dtype,exponents', [
@@ -176,7 +180,7 @@ def test_dense_flora_is_optax_parts_in_flora_order(scale):
   params = _params()
   grads = [_grads(t, scale=scale) for t in range(3)]
   tx = flora_optax.flora(1e-2, lambda path, leaf: None, momentum=0.9,
-                         **ADAFACTOR)
+                         residual=False, **ADAFACTOR)
   ref_tx = optax.chain(
       optax.scale_by_factored_rms(decay_rate=0.8, min_dim_size_to_factor=4),
       optax.ema(0.9, debias=False),
@@ -199,7 +203,7 @@ def test_compressed_flora_is_scale_invariant_where_adafactor_is(dtype):
   params = _params(dtype)
   tx = flora_optax.flora(1e-2, 3, resample_every=2, **ADAFACTOR)
   base, state = _run(tx, [_grads(t, dtype) for t in range(3)], params)
-  assert state[1].mu['w'].dtype == jnp.float32
+  assert optax.tree.get(state, 'mu')['w'].dtype == jnp.float32
   for scale in (1e-10, 1e10):
     outs, _ = _run(tx, [_grads(t, dtype, scale) for t in range(3)], params)
     for out, ref in zip(outs, base):

@@ -376,7 +376,7 @@ def test_state_shardings_place_a_jitted_init():
   state = jax.jit(tx.init, out_shardings=state_sh)(shapes)
   for s, x in zip(jax.tree.leaves(state_sh), jax.tree.leaves(state)):
     assert x.sharding == s
-  mu = state[1].mu['w']  # (RANK, 64), P(None, 'model'): 2 columns blocks
+  mu = optax.tree.get(state, 'mu')['w']  # (RANK, 64), P(None, 'model'): 2 columns blocks
   assert {sh.data.shape for sh in mu.addressable_shards} == {(RANK, 32)}
 
 
