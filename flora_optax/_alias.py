@@ -15,7 +15,7 @@ from flora_optax._projection import check_float_dtype
 from flora_optax._projection import fit_nnx_metadata
 from flora_optax._projection import (DimensionNumbersSpec, Projection, RankFn,
                                      Side, Transfer, check_choice,
-                                     check_like_params)
+                                     check_float_leaves, check_like_params)
 
 MOMENTUM_POSITIONS = ('paper', 'optax')
 # Measured (README, "Which momentum"): in residual mode the momentum sits
@@ -222,6 +222,9 @@ def make_flora(
     return chain.update(updates, state, params, **extra_args)
 
   def init_fn(params):
+    # Adafactor's parts would fail on a Python scalar or an int leaf with an
+    # error from inside optax that does not name the leaf.
+    check_float_leaves(params)
     state = chain.init(params)
     # Flax NNX: Adafactor's factored rows and (1,) placeholders must not
     # inherit their params' sharding metadata (see fit_nnx_metadata).

@@ -446,6 +446,31 @@ def check_like_params(updates: Any, params: Any) -> None:
   jax.tree_util.tree_map_with_path(g, updates, params)
 
 
+def check_float_leaf(path, leaf) -> None:
+  """Raises a TypeError naming the leaf unless it is a real floating array."""
+  dtype = getattr(leaf, 'dtype', None)
+  try:
+    # The dtype the user passed: jnp.result_type would report an int64 NumPy
+    # leaf as int32 without x64.
+    dtype = None if dtype is None else np.dtype(dtype)
+  except TypeError:  # an extended dtype (e.g. a PRNG key's): shown as it is
+    pass
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    kind = (f'no dtype (a Python {type(leaf).__name__}, not an array)'
+            if dtype is None else f'dtype {dtype}')
+    raise TypeError(
+        f'Leaf {_leaf_name(path)} has {kind}; flora_optax handles real '
+        'floating-point leaves only (float16, bfloat16, float32, float64). '
+        'Keep other leaves out of the optimizer with optax.masked or '
+        'optax.partition.')
+
+
+def check_float_leaves(tree: Any) -> None:
+  """:func:`check_float_leaf` on every leaf of ``tree``."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    check_float_leaf(path, leaf)
+
+
 def _normalize_axes(field, ndim: int, path) -> tuple[int, ...]:
   axes = (field,) if isinstance(field, (int, np.integer)) else tuple(field)
   out = []
@@ -526,16 +551,8 @@ class Projector:
 
   # --- planning ------------------------------------------------------------
   def _plan_leaf(self, path, leaf, dn, dn_given: bool) -> LeafPlan:
+    check_float_leaf(path, leaf)
     shape = tuple(int(s) for s in np.shape(leaf))
-    dtype = jnp.result_type(leaf.dtype) if hasattr(leaf, 'dtype') else None
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-      kind = (f'no dtype (it is a {type(leaf).__name__}, not an array)'
-              if dtype is None else f'dtype {dtype}')
-      raise TypeError(
-          f'Leaf {_leaf_name(path)} has {kind}; flora_optax handles real '
-          'floating-point leaves only (float16, bfloat16, float32, float64). '
-          'Keep other leaves out of the optimizer with optax.masked or '
-          'optax.partition.')
     ndim = len(shape)
     # An explicit DimensionNumbers for a scalar or vector can not fit: it is
     # checked below (and refused) rather than silently ignored.

@@ -159,11 +159,6 @@ def test_core_tests_pass_with_x64():
 # --- 3. PRNG implementations ------------------------------------------------
 
 IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')
-# Until compressed_momentum rewraps its stored key data with the
-# implementation of the key it was built with (impl= of cycle_key).
-MOMENTUM_IMPL_PENDING = pytest.mark.xfail(
-    strict=True, reason='compressed_momentum: cycle_key(..., impl=key) '
-    'pending in _momentum.py')
 
 
 def _params_and_grads():
@@ -254,7 +249,6 @@ def _momentum_matches_manual(key, **kw):
   chex_close(u2, proj.decompress(m, k1, params))
 
 
-@MOMENTUM_IMPL_PENDING
 @pytest.mark.parametrize('impl', IMPLS[1:])
 def test_compressed_momentum_and_flora_with_every_prng_impl(impl):
   key = jax.random.key(7, impl=impl)
@@ -269,7 +263,8 @@ def test_compressed_momentum_and_flora_with_every_prng_impl(impl):
 
 
 def test_compressed_momentum_with_the_default_prng_impl():
-  # Threefry (the default) already works; a guard for the marked test above.
+  # Int seeds and typed keys of the default implementation agree with the
+  # projections custom code derives through cycle_key.
   _momentum_matches_manual(jax.random.key(7))
   _momentum_matches_manual(7)
 
@@ -335,7 +330,6 @@ def test_non_default_prng_impl_accumulation():
   assert out.strip().endswith('ok')
 
 
-@MOMENTUM_IMPL_PENDING
 def test_non_default_prng_impl_momentum():
   out = _run_python(NON_DEFAULT_IMPL_SCRIPT, 'momentum',
                     JAX_DEFAULT_PRNG_IMPL='rbg')
@@ -461,3 +455,32 @@ def test_leaf_id_depends_on_keys_not_on_their_rendering():
   assert _keys.leaf_id((tu.DictKey(0),)) != _keys.leaf_id((tu.DictKey('0'),))
   assert _keys.leaf_id((tu.DictKey('a'), tu.DictKey('b'))) != _keys.leaf_id(
       (tu.DictKey('a.b'),))
+
+
+# --- 4. Bad leaves are named, with the dtype the user passed ------------------
+
+
+@pytest.mark.parametrize('momentum', [0.9, None])
+@pytest.mark.parametrize('params, path, kind', [
+    ({'w': 1.0}, "['w']", 'no dtype (a Python float, not an array)'),
+    ({'w': [[1.0, 2.0], [3.0, 4.0]]}, r"['w'][0][0]", 'a Python float'),
+    ({'w': jnp.ones((4, 4)), 'n': 3}, "['n']", 'a Python int'),
+    ({'w': np.ones((4, 4), np.int64)}, "['w']", 'dtype int64'),
+    ({'w': np.ones((4, 4), np.complex64)}, "['w']", 'dtype complex64'),
+])
+def test_flora_names_a_bad_leaf(params, path, kind, momentum):
+  tx = flora_optax.flora(1e-2, 2, momentum=momentum)
+  with pytest.raises(TypeError) as info:
+    tx.init(params)
+  assert f'Leaf {path} has' in str(info.value)
+  assert kind in str(info.value)
+
+
+def test_int64_leaf_reports_int64_everywhere():
+  params = {'w': np.ones((4, 4), np.int64)}
+  for tx in (flora_optax.compressed_momentum(2),
+             flora_optax.MultiSteps(optax.sgd(0.1), 2, rank=2)):
+    with pytest.raises(TypeError, match=r"Leaf \['w'\] has dtype int64"):
+      tx.init(params)
+  with pytest.raises(TypeError, match='dtype int64'):
+    flora_optax.Projector(2).plan(params)
