@@ -24,6 +24,30 @@ MOMENTUM_POSITIONS = ('paper', 'optax')
 DEFAULT_RESIDUAL_POSITION = 'optax'
 
 
+def _min_dim_size_to_factor(value: Any) -> int:
+  """``min_dim_size_to_factor`` as the Python int optax's Adafactor needs."""
+  if value is None:
+    return 128  # optax.adafactor's default
+  if isinstance(value, (jax.Array, np.ndarray)):
+    # optax.scale_by_factored_rms compares it with shapes in Python: a
+    # concrete array (optax.inject_hyperparams at an eager init) is read back,
+    # a traced one can not be.
+    if isinstance(value, jax.core.Tracer):
+      raise TypeError(
+          '`min_dim_size_to_factor` sets state shapes and can not be traced '
+          '(it arrived as a traced array, e.g. from optax.inject_hyperparams '
+          'under jit): leave it at its default (None), or pass '
+          "static_args=('rank', 'min_dim_size_to_factor').")
+    if np.ndim(value) != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
+      raise TypeError('`min_dim_size_to_factor` must be an int, got '
+                      f'{value!r}.')
+    return int(value)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError('`min_dim_size_to_factor` must be an int or None, got '
+                    f'{value!r}.')
+  return int(value)
+
+
 def flora(
     learning_rate: optax.ScalarOrSchedule | None,
     rank: int | RankFn,
@@ -32,7 +56,7 @@ def flora(
     momentum: float | None = 0.9,
     key: Any = 0,
     nesterov: bool = False,
-    min_dim_size_to_factor: int = 128,
+    min_dim_size_to_factor: int | None = None,
     decay_rate: float = 0.8,
     decay_offset: int = 0,
     multiply_by_parameter_scale: bool = True,
@@ -69,7 +93,11 @@ def flora(
       Adafactor, nothing compressed).
     key: an int seed, a typed key or raw ``uint32`` key data.
     nesterov: Nesterov-style momentum output.
-    min_dim_size_to_factor: as in ``optax.adafactor``.
+    min_dim_size_to_factor: as in ``optax.adafactor``; ``None`` (the default)
+      is its default, 128. It sets state shapes: under
+      ``optax.inject_hyperparams`` leave it at ``None`` or pass an int, which
+      an eager ``init`` reads back; a value traced under ``jit`` must be
+      listed in ``static_args``.
     decay_rate: as in ``optax.adafactor``.
     decay_offset: as in ``optax.adafactor``.
     multiply_by_parameter_scale: as in ``optax.adafactor``.
@@ -105,11 +133,11 @@ def flora(
     >>> params['w'].shape
     (256, 128)
 
-    Every numeric hyperparameter can be injected except those that set state
-    shapes, which must be static:
+    Every numeric hyperparameter can be injected except ``rank``, which sets
+    state shapes and must be static:
 
     >>> opt = optax.inject_hyperparams(
-    ...     flora_optax.flora, static_args=('rank', 'min_dim_size_to_factor'))(
+    ...     flora_optax.flora, static_args=('rank',))(
     ...         learning_rate=1e-2, rank=16, resample_every=100)
     >>> state = opt.init(params)
     >>> state.hyperparams['momentum']
@@ -133,7 +161,7 @@ def make_flora(
     momentum: float | None = 0.9,
     key: Any = 0,
     nesterov: bool = False,
-    min_dim_size_to_factor: int = 128,
+    min_dim_size_to_factor: int | None = None,
     decay_rate: float = 0.8,
     decay_offset: int = 0,
     multiply_by_parameter_scale: bool = True,
@@ -166,15 +194,15 @@ def make_flora(
   if momentum_position is None:
     momentum_position = DEFAULT_RESIDUAL_POSITION if residual else 'paper'
   check_choice(momentum_position, 'momentum_position', MOMENTUM_POSITIONS)
-  # Under optax.inject_hyperparams every number arrives as an array; those
-  # that set state shapes can not be traced, so they must be static_args.
-  for name, value in (('rank', rank),
-                      ('min_dim_size_to_factor', min_dim_size_to_factor)):
-    if isinstance(value, (jax.Array, np.ndarray)):
-      raise TypeError(
-          f'`{name}` must be a Python int, got an array ({value!r}). It sets '
-          'state shapes, so it must be static: under optax.inject_hyperparams '
-          "pass static_args=('rank', 'min_dim_size_to_factor').")
+  # rank and min_dim_size_to_factor set state shapes. Under
+  # optax.inject_hyperparams a number not in static_args arrives as an array
+  # (an int default too: hence min_dim_size_to_factor=None).
+  if isinstance(rank, (jax.Array, np.ndarray)):
+    raise TypeError(
+        f'`rank` must be a Python int, got an array ({rank!r}). It sets state '
+        'shapes, so it must be static: under optax.inject_hyperparams pass '
+        "static_args=('rank',).")
+  min_dim_size_to_factor = _min_dim_size_to_factor(min_dim_size_to_factor)
   # Checked here so that errors name flora's arguments, not the inner ones.
   if momentum is not None:
     check_decay(momentum, 'momentum')

@@ -146,12 +146,23 @@ def test_inject_compressed_momentum():
                               atol=1e-6)
 
 
-@pytest.mark.parametrize('static', [(), ('rank',), ('min_dim_size_to_factor',)])
-def test_shape_setting_arguments_must_be_static(static):
+@pytest.mark.parametrize('static', [(), ('min_dim_size_to_factor',)])
+def test_rank_must_be_static(static):
   inj = optax.inject_hyperparams(flora_optax.flora, static_args=static)(
       1e-2, **KW)
   with pytest.raises(TypeError, match=r'static_args=\(.rank.'):
     inj.init(_params())
+
+
+def test_injected_min_dim_size_to_factor_is_read_back_unless_traced():
+  inj = optax.inject_hyperparams(flora_optax.flora, static_args=('rank',))(
+      1e-2, **KW)
+  # An eager init reads the concrete value back: the same state as flora.
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      inj.init(_params()).inner_state, _FLORA.init(_params()))
+  # Traced under jit, it can not set shapes: a clear error.
+  with pytest.raises(TypeError, match='min_dim_size_to_factor.*static_args'):
+    jax.jit(inj.init)(_params())
 
 
 def test_dtype_momentum_under_inject_hyperparams():
