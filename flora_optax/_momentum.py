@@ -101,7 +101,8 @@ def _warn_unstable(plans: Any, decay: Any, resample_every: Any,
         'grow without bound. Resample less often, raise the rank, or pass '
         "transfer='projected' (or 'reset').",
         TransferStabilityWarning,
-        stacklevel=3)
+        # init may run inside flora, optax.chain, jit or nnx.Optimizer.
+        stacklevel=_projection.user_stacklevel())
 
 
 SUBSPACE_SCALES = ('projection', 'unbiased')
@@ -273,7 +274,8 @@ def make_compressed_momentum(
   check_resample_every(resample_every)
   _projection.check_choice(transfer, 'transfer', _projection.TRANSFERS)
   _projection.check_choice(subspace_scale, 'subspace_scale', SUBSPACE_SCALES)
-  _keys.check_key(key)
+  # The PRNG implementation is fixed here; states keep raw key data.
+  typed_key = _keys.typed_key(key)
   for name, value in (('nesterov', nesterov), ('residual', residual)):
     if not isinstance(value, bool):
       raise TypeError(f'`{name}` must be a bool, got {value!r}.')
@@ -292,7 +294,7 @@ def make_compressed_momentum(
     mu = _projection.fit_nnx_metadata(params, mu, plans)
     zero = jnp.zeros([], jnp.int32)
     return CompressedMomentumState(
-        count=zero, cycle=zero, key=_keys.key_data(key), mu=mu)
+        count=zero, cycle=zero, key=_keys.key_data(typed_key), mu=mu)
 
   def carry(plan, m, p_old, p_new, sharding):
     """The sketch ``m`` made with ``p_old``, moved to ``p_new``."""
@@ -336,8 +338,9 @@ def make_compressed_momentum(
       k = jnp.asarray(resample_every, jnp.int32)
       cycle = jnp.where(count > state.count, (count - 1) // k, state.cycle)
       new_cycle = cycle != state.cycle
-    new_key = _keys.cycle_key(state.key, cycle, 'momentum')
-    old_key = _keys.cycle_key(state.key, state.cycle, 'momentum')
+    new_key = _keys.cycle_key(state.key, cycle, 'momentum', impl=typed_key)
+    old_key = _keys.cycle_key(state.key, state.cycle, 'momentum',
+                              impl=typed_key)
 
     def leaf(path, plan, g, m):
       dt = jnp.promote_types(g.dtype, jnp.float32)

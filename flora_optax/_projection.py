@@ -13,7 +13,9 @@ with ``P ∈ R^{r×d}`` drawn from a key such that ``E[Pᵀ P] = I``, so that
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, Union
@@ -321,6 +323,30 @@ def check_rank(rank: Any) -> None:
     raise ValueError(f'`rank` must be a positive int, got {rank}.')
 
 
+# Packages whose frames are not the user's: a warning raised while one of them
+# runs (an init inside optax.chain, flora, jax.jit or nnx.Optimizer) is
+# attributed to the first frame outside them.
+_LIBRARY_PACKAGES = ('flora_optax', 'optax', 'jax', 'jaxlib', 'flax')
+
+
+def user_stacklevel() -> int:
+  """The ``stacklevel`` that attributes a warning to the user's code.
+
+  For ``warnings.warn`` called by the function that calls this one: the first
+  frame outside flora_optax, optax, JAX and Flax. (Python 3.12's
+  ``skip_file_prefixes`` would do this; 3.11 is supported.)
+  """
+  dirs = tuple(
+      os.path.dirname(os.path.abspath(sys.modules[name].__file__)) + os.sep
+      for name in _LIBRARY_PACKAGES
+      if getattr(sys.modules.get(name), '__file__', None))
+  frame, level = inspect.currentframe().f_back, 1
+  while frame is not None and os.path.abspath(
+      frame.f_code.co_filename).startswith(dirs):
+    frame, level = frame.f_back, level + 1
+  return level
+
+
 def check_float_dtype(value: Any, name: str) -> Any:
   """Returns ``jnp.dtype(value)``, or raises naming ``name`` if not floating."""
   if isinstance(value, (jax.Array, np.ndarray)):
@@ -392,6 +418,38 @@ def check_same_tree(tree: Any, init_tree: Any, what: str) -> None:
               f'{jax.tree.structure(tree)} vs {jax.tree.structure(init_tree)}')
   raise ValueError(f'The {what} tree does not have the structure of the params '
                    f'given to init ({detail}).')
+
+
+def check_prefix_tree(prefix: Any, tree: Any, what: str,
+                      is_leaf: Callable[[Any], bool] | None = None) -> None:
+  """Raises a ValueError naming the leaves unless ``prefix`` fits ``tree``.
+
+  ``prefix`` (whose leaves are told by ``is_leaf``) must have the structure of
+  ``tree`` down to its own leaves, as ``jax.tree.map(f, prefix, tree)`` needs;
+  a leaf of ``prefix`` may stand for a subtree of ``tree`` (e.g. an NNX
+  ``Variable``).
+  """
+  treedef = jax.tree.structure(prefix, is_leaf=is_leaf)
+  try:
+    treedef.flatten_up_to(tree)
+    return
+  except (ValueError, TypeError):
+    pass  # the mismatch is described below, independently of JAX's wording
+  want = [p for p, _ in jax.tree_util.tree_leaves_with_path(
+      prefix, is_leaf=is_leaf)]
+  got = [p for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  covered = lambda p, qs: any(p[:len(q)] == q for q in qs)  # noqa: E731
+  missing = {_leaf_name(p) for p in got if not covered(p, want)}
+  unused = {_leaf_name(q) for q in want
+            if not any(p[:len(q)] == q for p in got)}
+  show = lambda xs: ', '.join(sorted(xs)[:5]) or 'none'  # noqa: E731
+  detail = (f'params leaves it lacks: {show(missing)}; its entries for no '
+            f'params leaf: {show(unused)}')
+  if not missing and not unused:
+    detail = (f'same paths but different containers: {treedef} vs '
+              f'{jax.tree.structure(tree)}')
+  raise ValueError(f'{what} as a pytree must match the structure of the '
+                   f'params ({detail}).')
 
 
 def check_sketches(plans: Any,
@@ -602,16 +660,10 @@ class Projector:
     if callable(dn):
       return jax.tree_util.tree_map_with_path(
           lambda p, x: self._plan_leaf(p, x, dn(p, x), True), like)
-    try:
-      return jax.tree_util.tree_map_with_path(
-          lambda p, d, x: self._plan_leaf(p, x, d, True), dn, like,
-          is_leaf=_is_dn_leaf)
-    except ValueError as e:
-      if 'Custom node type mismatch' in str(e) or 'structure' in str(e):
-        raise ValueError(
-            '`dimension_numbers` as a pytree must match the structure of the '
-            f'params: {e}') from e
-      raise
+    check_prefix_tree(dn, like, '`dimension_numbers`', is_leaf=_is_dn_leaf)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, d, x: self._plan_leaf(p, x, d, True), dn, like,
+        is_leaf=_is_dn_leaf)
 
   def sketch_shapes(self, like: Any, dtype: Any = None) -> Any:
     """``jax.ShapeDtypeStruct``s of the sketches of ``like``."""

@@ -484,3 +484,126 @@ def test_int64_leaf_reports_int64_everywhere():
       tx.init(params)
   with pytest.raises(TypeError, match='dtype int64'):
     flora_optax.Projector(2).plan(params)
+
+
+# --- 6. Warnings and errors point at the user --------------------------------
+
+
+def _unstable_momentum():
+  # decay**1 * sqrt(16/2) > 1: the unbiased transfer is unstable.
+  return flora_optax.compressed_momentum(2, resample_every=1, residual=False)
+
+
+def _warned_at(build):
+  params = {'w': jnp.ones((16, 32)), 'b': jnp.ones((32,))}
+  tx = build()
+  with pytest.warns(flora_optax.TransferStabilityWarning) as record:
+    line = sys._getframe().f_lineno + 1  # pylint: disable=protected-access
+    tx.init(params)
+  (w,) = [w for w in record
+          if issubclass(w.category, flora_optax.TransferStabilityWarning)]
+  return w.filename, w.lineno, line
+
+
+@pytest.mark.parametrize('build', [
+    _unstable_momentum,
+    lambda: optax.chain(_unstable_momentum(), optax.scale(-0.1)),
+    lambda: flora_optax.flora(0.1, 2, resample_every=1, residual=False),
+    lambda: flora_optax.MultiSteps(
+        flora_optax.flora(0.1, 2, resample_every=1, residual=False), 2,
+        rank=2),
+    lambda: optax.inject_hyperparams(
+        flora_optax.flora, static_args=('rank',))(
+            0.1, 2, resample_every=1, residual=False),
+    lambda: optax.masked(_unstable_momentum(), {'w': True, 'b': False}),
+    lambda: _Jitted(optax.chain(_unstable_momentum())),
+], ids=['direct', 'chain', 'flora', 'multisteps', 'inject', 'masked', 'jit'])
+def test_stability_warning_points_at_the_users_line(build):
+  filename, lineno, line = _warned_at(build)
+  assert os.path.abspath(filename) == os.path.abspath(__file__)
+  assert lineno == line
+
+
+class _Jitted:
+
+  def __init__(self, tx):
+    self.init = jax.jit(tx.init)
+
+
+def test_stability_warning_under_nnx_optimizer_points_at_the_user():
+  nnx, model = _nnx_model()
+  with pytest.warns(flora_optax.TransferStabilityWarning) as record:
+    line = sys._getframe().f_lineno + 1  # pylint: disable=protected-access
+    nnx.Optimizer(model, _unstable_momentum(), wrt=nnx.Param)
+  w = [w for w in record
+       if issubclass(w.category, flora_optax.TransferStabilityWarning)][0]
+  assert (os.path.abspath(w.filename), w.lineno) == (
+      os.path.abspath(__file__), line)
+
+
+def test_dimension_numbers_structure_error_does_not_rely_on_jax_wording(
+    monkeypatch):
+  from flora_optax import DimensionNumbers  # pylint: disable=g-import-not-at-top
+  params = {'w': jnp.ones((4, 6)), 'b': jnp.ones((6,))}
+  cases = [
+      ({'w': DimensionNumbers(0, 1)}, r"lacks: \['b'\]"),
+      ({'w': DimensionNumbers(0, 1), 'b': None, 'x': None},
+       r"for no params leaf: \['x'\]"),
+  ]
+  # Whatever JAX's own messages say, the error is ours and names the leaves.
+  real = jax.tree_util.tree_map_with_path
+
+  def reworded(*args, **kwargs):
+    try:
+      return real(*args, **kwargs)
+    except ValueError as e:
+      raise ValueError('some other wording') from e
+
+  monkeypatch.setattr(jax.tree_util, 'tree_map_with_path', reworded)
+  for dn, match in cases:
+    with pytest.raises(ValueError, match=match) as info:
+      flora_optax.Projector(2, dimension_numbers=dn).plan(params)
+    assert '`dimension_numbers`' in str(info.value)
+    assert 'structure' in str(info.value)
+  # A dimension_numbers leaf may stand for an NNX Variable (a subtree).
+  nnx, model = _nnx_model()
+  state = nnx.state(model, nnx.Param)
+  dn = jax.tree.map(lambda _: None, state,
+                    is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert jax.tree.leaves(flora_optax.Projector(
+      2, dimension_numbers=dn).plan(state), is_leaf=lambda x: isinstance(
+          x, flora_optax.LeafPlan))
+
+
+# --- 5. inject_hyperparams with only rank static -----------------------------
+
+
+def test_inject_hyperparams_with_only_rank_static_under_jit():
+  params, grads = _params_and_grads()
+  kw = dict(rank=2, resample_every=2)
+  plain = flora_optax.flora(1e-2, **kw)
+  inj = optax.inject_hyperparams(flora_optax.flora, static_args=('rank',))(
+      1e-2, **kw)
+  state, state_i = jax.jit(plain.init)(params), jax.jit(inj.init)(params)
+  step, step_i = jax.jit(plain.update), jax.jit(inj.update)
+  for g in grads:
+    u, state = step(g, state, params)
+    u_i, state_i = step_i(g, state_i, params)
+    chex_close(u_i, u, rtol=1e-5, atol=1e-6)
+  chex_close(state_i.inner_state, state, rtol=1e-5, atol=1e-6)
+
+
+def test_min_dim_size_to_factor_keeps_adafactors_default_and_behaviour():
+  params = {'w': jnp.ones((128, 130)), 'v': jnp.ones((127, 130))}
+  state = flora_optax.flora(1e-2, 8).init(params)
+  ref = optax.adafactor(1e-2).init(params)
+  # The same factored / unfactored leaves as optax.adafactor (128).
+  chex_close(jax.tree.map(jnp.shape, state[0]), jax.tree.map(jnp.shape, ref[0]))
+  assert state[0].v['w'].shape == (1,) and state[0].v['v'].shape == (127, 130)
+  for value in (np.int64(4), jnp.asarray(4)):  # read back as an int
+    s = flora_optax.flora(1e-2, 8, min_dim_size_to_factor=value).init(
+        {'w': jnp.ones((4, 6))})
+    assert s[0].v_row['w'].shape == (4,)
+  for bad in (4.5, 'big', jnp.ones(2, jnp.int32)):
+    with pytest.raises(TypeError, match='min_dim_size_to_factor'):
+      flora_optax.flora(1e-2, 8, min_dim_size_to_factor=bad)
