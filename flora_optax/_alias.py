@@ -76,12 +76,16 @@ def flora(
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor with Flora-compressed momentum.
 
-  The chain is ``scale_by_factored_rms`` → :func:`compressed_momentum` →
-  ``clip_by_block_rms`` → learning rate → parameter scale → decayed weights →
-  sign flip. The second moment is Adafactor's factored one (never randomly
-  projected: a projected second moment can go negative); the first moment of
-  every matrix is kept as an ``r·max(n, m)`` sketch instead of ``n·m``.
-  Arguments shared with ``optax.adafactor`` have its names and defaults.
+  The chain is ``optax.adafactor``'s with the momentum replaced:
+  ``scale_by_factored_rms`` → ``clip_by_block_rms`` → learning rate →
+  parameter scale → :func:`compressed_momentum` (residual) → decayed weights →
+  sign flip. With compression off for every leaf it is ``optax.adafactor``
+  bit for bit. With ``residual=False`` it is the paper's algorithm in the
+  paper's order: the momentum right after ``scale_by_factored_rms``. The
+  second moment is Adafactor's factored one (never randomly projected: a
+  projected second moment can go negative); the first moment of every matrix
+  is kept as an ``r·max(n, m)`` sketch instead of ``n·m``. Arguments shared
+  with ``optax.adafactor`` have its names and defaults.
 
   Args:
     learning_rate: a float or an ``optax`` schedule; ``None`` leaves updates
