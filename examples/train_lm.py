@@ -10,6 +10,7 @@ the peak memory of the compiled training step), and saves a loss-curve PNG.
 Run from the repository root::
 
     python examples/train_lm.py                       # ~2-3 minutes on 2 CPU cores
+    python examples/train_lm.py --out examples/results/train_lm  # the reference
     python examples/train_lm.py --optimizers flora --steps 2000 --d-model 256
     python examples/train_lm.py --accumulate 4 --accumulation-rank 8
 
@@ -46,8 +47,12 @@ except ImportError:
 
 OPTIMIZERS = ('flora', 'adafactor', 'adafactor_nomomentum', 'flora_frozen',
               'lora')
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           'results', 'train_lm')
+# Run outputs go to an untracked directory (/runs/ is in .gitignore); the
+# reference results in examples/results/train_lm are regenerated only on
+# purpose, with --out examples/results/train_lm.
+DEFAULT_OUT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'runs',
+    'train_lm')
 
 # ----------------------------------------------------------------------------
 # The model: a byte-level GPT in Flax NNX, with optional LoRA adapters.
@@ -478,7 +483,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--eval-batches', type=int, default=8)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', default=DEFAULT_OUT,
-                 help='directory for the PNG and results.json')
+                 help='directory for the PNG and results.json (pass '
+                 'examples/results/train_lm to regenerate the reference '
+                 'results)')
   p.add_argument('--no-progress', action='store_true')
   p.add_argument('--no-update-peak', action='store_true',
                  help="skip compiling the optimizer update alone for its "
@@ -541,8 +548,10 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
        f'rank {args.rank}' + (f', accumulate {args.accumulate}'
                              if args.accumulate > 1 else ''))
   with open(os.path.join(args.out, 'results.json'), 'w') as f:
-    json.dump({'args': vars(args), 'results': [dataclasses.asdict(r)
-                                                for r in results]}, f,
+    # Where it was written is no result, and would record a machine's path.
+    saved_args = {k: v for k, v in vars(args).items() if k != 'out'}
+    json.dump({'args': saved_args, 'results': [dataclasses.asdict(r)
+                                               for r in results]}, f,
               indent=1)
   print(f'\nloss curve: {png}')
   return results

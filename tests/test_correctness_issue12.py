@@ -607,3 +607,41 @@ def test_min_dim_size_to_factor_keeps_adafactors_default_and_behaviour():
   for bad in (4.5, 'big', jnp.ones(2, jnp.int32)):
     with pytest.raises(TypeError, match='min_dim_size_to_factor'):
       flora_optax.flora(1e-2, 8, min_dim_size_to_factor=bad)
+
+
+# --- 8. The demo leaves the checkout clean ----------------------------------
+
+
+def _train_lm():
+  examples = os.path.join(ROOT, 'examples')
+  if examples not in sys.path:
+    sys.path.insert(0, examples)
+  import train_lm  # pylint: disable=g-import-not-at-top
+  return train_lm
+
+
+def test_demo_writes_to_an_untracked_directory_by_default():
+  out = _train_lm().parse_args([]).out
+  assert os.path.abspath(out) == os.path.join(ROOT, 'runs', 'train_lm')
+  # Ignored by git, and no tracked file lives there.
+  proc = subprocess.run(['git', 'check-ignore', '-q', out], cwd=ROOT)
+  assert proc.returncode == 0
+  tracked = subprocess.run(['git', 'ls-files', out], cwd=ROOT,
+                           capture_output=True, text=True).stdout
+  assert not tracked.strip()
+
+
+def test_demo_results_record_no_machine_path(tmp_path):
+  train_lm = _train_lm()
+  train_lm.main(['--d-model', '16', '--layers', '1', '--heads', '2',
+                 '--seq-len', '8', '--batch-size', '2', '--eval-batches', '1',
+                 '--rank', '2', '--data', 'topics', '--steps', '2',
+                 '--eval-every', '2', '--warmup-steps', '1', '--no-progress',
+                 '--no-update-peak', '--optimizers', 'flora',
+                 '--out', str(tmp_path)])
+  text = (tmp_path / 'results.json').read_text()
+  assert str(tmp_path) not in text and ROOT not in text
+  # Nor does the reference output in the repository.
+  ref = os.path.join(ROOT, 'examples', 'results', 'train_lm', 'results.json')
+  with open(ref) as f:
+    assert ROOT not in f.read() and '"out"' not in open(ref).read()
