@@ -292,9 +292,11 @@ def make_compressed_momentum(
     mu = jax.tree.map(
         lambda pl, x: _projection.sketch_zeros(pl, x, acc_dtype), plans, params)
     mu = _projection.fit_nnx_metadata(params, mu, plans)
-    zero = jnp.zeros([], jnp.int32)
+    # Two arrays, not one: a jitted step that donates the state would
+    # otherwise donate one buffer twice.
     return CompressedMomentumState(
-        count=zero, cycle=zero, key=_keys.key_data(typed_key), mu=mu)
+        count=jnp.zeros([], jnp.int32), cycle=jnp.zeros([], jnp.int32),
+        key=_keys.key_data(typed_key), mu=mu)
 
   def carry(plan, m, p_old, p_new, sharding):
     """The sketch ``m`` made with ``p_old``, moved to ``p_new``."""

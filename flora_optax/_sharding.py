@@ -152,7 +152,7 @@ def state_shardings(tx: Any,
     TypeError: for a sharding that is not a ``NamedSharding``.
 
   Examples:
-    >>> import jax, jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp, optax
     >>> from jax.sharding import NamedSharding, PartitionSpec as P
     >>> import flora_optax
     >>> # e.g. (4, 2) on 8 devices; here whatever devices there are.
@@ -163,13 +163,14 @@ def state_shardings(tx: Any,
     ...              'b': NamedSharding(mesh, P('model'))}
     >>> tx = flora_optax.flora(1e-3, rank=8)
     >>> state_sh = flora_optax.state_shardings(tx, params, shardings)
-    >>> state_sh[1].mu['w'].spec  # (256, 8): the sharding of axis 0 is kept
+    >>> mu_sh = optax.tree.get(state_sh, 'mu')
+    >>> mu_sh['w'].spec  # (256, 8): the sharding of axis 0 is kept
     P('data', None)
-    >>> state_sh[1].key.spec
+    >>> optax.tree.get(state_sh, 'key').spec
     P()
     >>> state = jax.jit(tx.init, in_shardings=(shardings,),
     ...                 out_shardings=state_sh)(params)
-    >>> state[1].mu['w'].sharding == state_sh[1].mu['w']
+    >>> optax.tree.get(state, 'mu')['w'].sharding == mu_sh['w']
     True
 
   References:
