@@ -45,8 +45,8 @@ except ImportError:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import flora_optax  # pylint: disable=g-import-not-at-top
 
-OPTIMIZERS = ('flora', 'adafactor', 'adafactor_nomomentum', 'flora_frozen',
-              'lora')
+OPTIMIZERS = ('flora', 'adafactor', 'adafactor_nomomentum', 'flora_paper',
+              'flora_frozen', 'lora')
 # Run outputs go to an untracked directory (/runs/ is in .gitignore); the
 # reference results in examples/results/train_lm are regenerated only on
 # purpose, with --out examples/results/train_lm.
@@ -212,8 +212,11 @@ def make_optimizer(oc: OptConfig) -> optax.GradientTransformation:
   All are Adafactor (factored second moment, block-RMS clipping) with the
   same learning-rate schedule; they differ only in the first moment:
 
-  - ``flora``: Flora-compressed momentum of rank ``oc.rank``;
-  - ``flora_frozen``: the same, never resampled (LoRA with a frozen ``A``);
+  - ``flora``: Flora-compressed momentum of rank ``oc.rank`` (the default,
+    residual mode);
+  - ``flora_paper``: the paper's algorithm (``residual=False``);
+  - ``flora_frozen``: the paper's algorithm never resampled (LoRA with a
+    frozen ``A``);
   - ``adafactor``: uncompressed momentum (``optax.adafactor(momentum=...)``);
   - ``adafactor_nomomentum``: no momentum;
   - ``lora``: uncompressed momentum, used on a model with LoRA adapters.
@@ -228,11 +231,12 @@ def make_optimizer(oc: OptConfig) -> optax.GradientTransformation:
   lr = make_schedule(oc)
   common = dict(multiply_by_parameter_scale=False,
                 min_dim_size_to_factor=oc.min_dim_size_to_factor)
-  if oc.name in ('flora', 'flora_frozen'):
+  if oc.name in ('flora', 'flora_paper', 'flora_frozen'):
     tx = flora_optax.flora(
         lr, oc.rank, momentum=oc.momentum, key=oc.seed,
         resample_every=None if oc.name == 'flora_frozen' else
-        oc.resample_every, transfer=oc.transfer, **common)
+        oc.resample_every, transfer=oc.transfer,
+        residual=oc.name == 'flora', **common)
   elif oc.name == 'adafactor_nomomentum':
     tx = optax.adafactor(lr, **common)
   else:
