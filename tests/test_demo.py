@@ -148,8 +148,11 @@ def test_paper_miniature_compares_like_with_like():
   assert {r.opt.accumulator for r in acc if r.opt.accumulate > 1} == {
       'flora', 'optax'}
   ranks = {r.opt.rank for rs in exps.values() for r in rs
-           if r.opt.name in ('flora', 'flora_frozen', 'lora')}
+           if r.opt.name in ('flora', 'flora_paper', 'flora_frozen', 'lora')}
   assert ranks == {s.rank}  # Flora and LoRA compared at equal rank
-  kappas = [r.opt.resample_every if r.opt.name == 'flora' else None
-            for r in exps['kappa']]
+  kappas = [r.opt.resample_every for r in exps['kappa']
+            if r.opt.name == 'flora']
   assert kappas == list(s.kappas)
+  # Both momentum modes are compared, the paper's never resampled too.
+  assert {r.opt.name for r in exps['momentum']} >= {
+      'flora', 'flora_paper', 'flora_frozen'}
