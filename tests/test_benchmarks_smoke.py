@@ -96,3 +96,106 @@ def test_small_lm_data_and_loss():
   loss = float(jax.jit(small_lm.loss_fn)(params, xa))
   # Small initial weights: close to a uniform prediction over 256 bytes.
   assert abs(loss - math.log(cfg.vocab)) < 0.1
+
+
+def test_gpu_quick_run_writes_every_section(tmp_path):
+  # Deferred import: benchmarks.gpu records its start time when imported.
+  from benchmarks import gpu  # pylint: disable=g-import-not-at-top
+  res = gpu.main(['--quick', '--quiet', '--out', str(tmp_path)])
+  platform = jax.devices()[0].platform
+  for ext in ('json', 'md'):
+    assert os.path.getsize(tmp_path / f'gpu_{platform}.{ext}') > 0
+  with open(tmp_path / f'gpu_{platform}.json') as f:
+    assert json.load(f)['machine']['device_kind'] == res['machine'][
+        'device_kind']
+  assert not res['not_run'] and not res.get('section_errors'), res
+  for section in ('projection', 'update', 'train_step'):
+    assert res[section]['rows'] and not res[section].get('skipped'), section
+  m = res['machine']
+  assert m['platform'] == platform and m['jax'] == jax.__version__
+
+  upd = {r['optimizer']: r for r in res['update']['rows']}
+  base = upd[gpu.BASELINE]
+  assert base['update_ratio'] == 1.0
+  modes = gpu.flora_modes()
+  for r in gpu.SIZES['quick'].ranks:
+    for mode in modes:
+      row = upd[gpu._flora_name(r, mode)]  # pylint: disable=protected-access
+      # Flora's state is a sketch: smaller than a dense first moment.
+      assert row['state_bytes'] < base['state_bytes'], row
+      assert upd['adafactor']['state_bytes'] < row['state_bytes']
+    assert f'galore r={r}' in upd
+  for row in res['update']['rows']:
+    assert row['peak_bytes'] > 0 and row['compile_s'] > 0, row
+    assert row['update_s'] > 0 and math.isfinite(row['update_ratio']), row
+    assert row['update_calls'] == gpu.SIZES['quick'].repeats
+  # flora with an rbg key: a row if it works, the error string if not.
+  rbg = [n for n in upd if n.endswith('key=rbg')]
+  assert len(rbg) + len(res['update']['errors']) == 1
+
+  step = {r['optimizer']: r for r in res['train_step']['rows']}
+  assert step[gpu.BASELINE]['step_ratio'] == 1.0
+  for row in step.values():
+    assert row['step_s'] > 0 and row['peak_bytes'] > 0, row
+    assert math.isfinite(row['loss_after']), row
+  assert step[gpu._flora_name(gpu.SIZES['quick'].step_rank, modes[0])][  # pylint: disable=protected-access
+      'state_bytes'] < step[gpu.BASELINE]['state_bytes']
+
+  impls = {r['impl']: r for r in res['projection']['rows']}
+  assert set(impls) | set(res['projection']['errors']) == set(gpu.PRNG_IMPLS)
+  for row in impls.values():
+    assert row['generate_s'] > 0 and row['generate_over_compress'] > 0, row
+  assert {t['met'] for t in res['targets']} <= {True, False}
+  assert len(res['targets']) == 6
+
+
+def test_quality_quick_run(tmp_path):
+  # Imported here: the study loads the examples' corpus and model.
+  from benchmarks import quality  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path)
+  paths = quality.main(['--quick', '--out', out])
+  for name in ('quality.json', 'quality.md', 'quality.png'):
+    path = os.path.join(out, name)
+    assert path in paths and os.path.getsize(path) > 0, name
+  with open(os.path.join(out, 'quality.json')) as f:
+    res = json.load(f)
+  rows = res['rows']
+  default = res['meta']['default_variant']
+  names = {(r['task'], r['optimizer']) for r in rows}
+  for task in quality.QUICK['tasks']:
+    for name in ('adafactor', 'adafactor_nomomentum', default, 'lora'):
+      assert (task, name) in names, (task, name)
+  assert ('lm', 'multisteps_flora') in names
+  assert not any(r['optimizer'].startswith('multisteps') for r in rows
+                 if r['task'] != 'lm')
+  for r in rows:
+    losses = np.asarray(r['losses'])
+    assert losses.shape == (len(r['lrs']), len(r['seeds'])), r['optimizer']
+    assert len(r['lrs']) >= 3 and np.all(np.isfinite(losses)), r
+    # The reported learning rate is the one with the lowest mean loss, and
+    # mean / std are that learning rate's statistics over seeds.
+    means = losses.mean(axis=1)
+    i = r['lrs'].index(r['best_lr'])
+    assert means[i] == means.min(), r
+    assert math.isclose(r['mean'], means[i], rel_tol=1e-9)
+    assert math.isclose(r['std'], losses[i].std(ddof=1), rel_tol=1e-9)
+    assert math.isfinite(r['std']) and r['std'] >= 0
+    assert r['state_bytes'] > 0 and r['seconds'] > 0
+    assert (r['rank'] is None) == (r['ratio'] is None)
+  # Compressed states are smaller than the uncompressed momentum's.
+  by = {(r['task'], r['optimizer']): r for r in rows}
+  for task in quality.QUICK['tasks']:
+    assert (by[(task, default)]['state_bytes'] <
+            by[(task, 'adafactor')]['state_bytes'])
+  assert {t['task'] for t in res['targets']} == set(quality.QUICK['tasks'])
+  with open(os.path.join(out, 'quality.md')) as f:
+    text = f.read()
+  assert '(default)' in text and '## Targets' in text
+
+
+def test_quality_best_lr_skips_diverged_runs():
+  from benchmarks import quality  # pylint: disable=g-import-not-at-top
+  lrs = [0.1, 0.2, 0.4]
+  losses = [[1.0, 1.2], [0.9, float('nan')], [0.95, 0.97]]
+  assert quality.best_lr(lrs, losses) == 2  # the NaN run does not win
+  assert quality.best_lr(lrs, [[3.0, 3.0], [2.0, 2.0], [1.0, 1.0]]) == 2

@@ -1,0 +1,742 @@
+"""Flora on an accelerator: update, train step and projection generation.
+
+One prepared script (issue 14) that fits a short accelerator lease: it keeps
+to an internal time budget, stops itself when the budget is spent and writes
+its JSON after every section, so whatever it measured comes back.
+
+Figures, all measured in one process against ``optax.adafactor(momentum=0.9)``
+(the baseline):
+
+* **update** on GPT-2-small shapes (float32): the jitted update with the state
+  donated, median of interleaved calls (``block_until_ready``), compiled peak
+  (``memory_analysis()``), state MiB, compile time (lower + compile wall
+  time) and the number of instructions of the optimised HLO. Rows: adafactor
+  with and without momentum, adamw, flora at every rank in every momentum mode
+  it offers, galore at the same ranks without its SVD refresh (its counter is
+  set past the refresh step, as in :mod:`benchmarks.optimizers`), and flora
+  with an ``rbg`` key if flora accepts one (the error is recorded otherwise).
+* **train step** of a GPT-2-sized byte-level model (12 layers, d_model 768,
+  vocabulary 256, ~86M parameters; 8192 tokens a step on the accelerator),
+  forward, backward, update and apply with params and state donated: time
+  ratio to the baseline, compiled peak, peak saving ÷ state saved, compile
+  time.
+* **projection** generation per PRNG implementation (threefry2x32, rbg,
+  unsafe_rbg): drawing every projection flora's plan needs on GPT-2-small at
+  rank 128, against the compress products (einsums) of the same matrices.
+* **targets** (issue 14 item 2), derived from the above: met or not.
+
+Usage::
+
+  python -m benchmarks.gpu [--out DIR]   # accelerator size, ~5 minutes
+  python -m benchmarks.gpu --cpu-full    # GPT-2 update, smaller train step
+  python -m benchmarks.gpu --quick       # tiny shapes: a smoke test
+
+Writes ``gpu_<platform>.json`` and ``.md`` into ``--out`` (default
+``benchmarks/results``, or ``benchmarks/results/quick`` with ``--quick``) and
+prints the JSON. Only jax, optax, numpy and flora_optax are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import flora_optax
+from benchmarks import accumulation
+from benchmarks import common
+
+LR = 1e-3
+BASELINE = 'adafactor(m=0.9)'
+PRNG_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')
+_START = time.perf_counter()
+
+
+# --- sizes -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """How much to run.
+
+  Attributes:
+    name: the size's name (recorded).
+    update_layout: ``(n_layer, d_model, vocab, n_pos)`` of the GPT-2-layout
+      tree whose update is measured.
+    ranks: flora and galore ranks of the update rows.
+    repeats: timed calls per update candidate.
+    compile_repeats: compilations of each update (the fastest is kept:
+      compile time is noisy on a shared machine).
+    step: the model of the train step.
+    step_rank: flora and galore rank of the train step rows.
+    step_repeats: timed calls per train-step candidate.
+    proj_rank: rank of the projection-generation figures.
+    proj_repeats: timed calls per projection thunk.
+    budget_s: wall seconds from the start of the process; the script stops
+      starting new work once they are spent.
+  """
+
+  name: str
+  update_layout: tuple[int, int, int, int]
+  ranks: tuple[int, ...]
+  repeats: int
+  compile_repeats: int
+  step: accumulation.GPTConfig
+  step_rank: int
+  step_repeats: int
+  proj_rank: int
+  proj_repeats: int
+  budget_s: float
+
+
+_GPT2_SMALL = (12, 768, 50257, 1024)
+# GPT-2-sized byte-level model: 12 x 768, vocabulary 256, 1024 positions.
+_GPT2_BYTES = dict(n_layer=12, d_model=768, n_head=12, vocab=256)
+
+SIZES = {
+    # One H200, a 6-minute slot: 330 s of budget leaves room for start-up
+    # and for a compile that begins just before the deadline.
+    'full': Size('full', _GPT2_SMALL, (32, 128, 256), 20, 1,
+                 accumulation.GPTConfig(**_GPT2_BYTES, seq_len=1024, batch=8),
+                 128, 20, 128, 20, 300.0),
+    # The same update on a CPU; the train step keeps the model but runs 256
+    # tokens (8192 would take a minute a step on two cores).
+    'cpu-full': Size('cpu-full', _GPT2_SMALL, (32, 128, 256), 6, 2,
+                     accumulation.GPTConfig(**_GPT2_BYTES, seq_len=128,
+                                            batch=2),
+                     128, 5, 128, 10, 1200.0),
+    # A smoke test: tiny shapes, every section; the budget never binds.
+    'quick': Size('quick', (1, 128, 256, 128), (16,), 3, 1,
+                  accumulation.GPTConfig(n_layer=1, d_model=64, n_head=4,
+                                         vocab=256, seq_len=32, batch=2),
+                  16, 3, 16, 3, 600.0),
+}
+
+
+class Budget:
+  """The wall-clock budget of the run, counted from the module's import."""
+
+  def __init__(self, seconds: float, start: float = _START):
+    self.deadline = start + seconds
+
+  def share(self, fraction: float) -> 'Budget':
+    """A budget of ``fraction`` of the time left (a section's share)."""
+    now = time.perf_counter()
+    return Budget(fraction * self.left(), start=now)
+
+  def left(self) -> float:
+    return self.deadline - time.perf_counter()
+
+  def allows(self, estimate_s: float) -> bool:
+    """Whether ``estimate_s`` more seconds of work still fit."""
+    return self.left() > estimate_s
+
+
+# --- candidates ----------------------------------------------------------------
+
+
+def flora_modes() -> list[bool | None]:
+  """Flora's momentum modes (``residual``), its default first; ``[None]``
+  if it has only one."""
+  param = inspect.signature(flora_optax.flora).parameters.get('residual')
+  if param is None:
+    return [None]
+  default = bool(param.default) if isinstance(param.default, bool) else True
+  return [default, not default]
+
+
+def _flora_name(rank: int, residual: bool | None, suffix: str = '') -> str:
+  mode = '' if residual is None else f' residual={residual}'
+  return f'flora r={rank}{mode}{suffix}'
+
+
+def _make_flora(rank: int, residual: bool | None, **kwargs):
+  if residual is not None:
+    kwargs['residual'] = residual
+  return lambda: flora_optax.flora(LR, rank, **kwargs)
+
+
+def candidates(ranks, *, rbg_rank: int | None = None
+               ) -> list[tuple[str, str, int | None, Callable[[], Any]]]:
+  """``(name, family, rank, make)`` of every row, the baseline first.
+
+  Flora rows come before GaLore's so that a run cut short by its budget
+  still has them; ``rbg_rank`` adds flora (default mode) with an ``rbg`` key.
+  """
+  out = [
+      (BASELINE, 'adafactor', None,
+       lambda: optax.adafactor(LR, momentum=0.9)),
+      ('adafactor', 'adafactor', None, lambda: optax.adafactor(LR)),
+      ('adamw', 'adamw', None, lambda: optax.adamw(LR)),
+  ]
+  modes = flora_modes()
+  for r in ranks:
+    for m in modes:
+      out.append((_flora_name(r, m), 'flora', r, _make_flora(r, m)))
+  for r in ranks:
+    out.append((f'galore r={r}', 'galore', r,
+                lambda r=r: optax.contrib.galore(LR, r)))
+  if rbg_rank is not None:
+    out.append((_flora_name(rbg_rank, None, ' key=rbg'), 'flora-rbg',
+                rbg_rank, _make_flora(
+                    rbg_rank, None, key=jax.random.key(0, impl='rbg'))))
+  return out
+
+
+def _skip_galore_refresh(state):
+  """GaLore's state with its counter at 1: no projector refresh (SVD) runs.
+
+  Its refresh is due when the counter is a multiple of ``update_proj_gap``
+  (0 included); the steady state between refreshes is what is timed.
+  """
+  return (state[0]._replace(count=jnp.ones([], jnp.int32)), *state[1:])
+
+
+def _hlo_ops(compiled) -> int | None:
+  """Instructions of the optimised HLO (a proxy for compile work)."""
+  try:
+    text = compiled.as_text()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return sum(1 for line in text.splitlines() if ' = ' in line)
+
+
+# --- timing --------------------------------------------------------------------
+
+
+def _interleave(thunks: dict[str, Callable[[], Any]], repeats: int,
+                budget: Budget) -> dict[str, list[float]]:
+  """Round-robin timed calls (after one warm-up each) while the budget lasts.
+
+  Interleaving spreads the machine's noise over all candidates alike. A round
+  is started only if the previous one would still fit.
+  """
+  samples = {name: [] for name in thunks}
+  t0 = time.perf_counter()
+  for fn in thunks.values():
+    fn()
+  round_s = time.perf_counter() - t0
+  for _ in range(repeats):
+    if not budget.allows(1.5 * round_s):
+      break
+    t_round = time.perf_counter()
+    for name, fn in thunks.items():
+      t = time.perf_counter()
+      fn()
+      samples[name].append(time.perf_counter() - t)
+    round_s = time.perf_counter() - t_round
+  return samples
+
+
+class _Update:
+  """``tx.update`` applied again and again to its own donated state."""
+
+  def __init__(self, compiled, grads, state, params):
+    self.compiled, self.grads, self.state, self.params = (compiled, grads,
+                                                          state, params)
+
+  def __call__(self):
+    out, self.state = self.compiled(self.grads, self.state, self.params)
+    jax.block_until_ready((out, self.state))
+
+
+class _Step:
+  """A train step applied again and again to its own donated params/state."""
+
+  def __init__(self, compiled, params, state, tokens):
+    self.compiled, self.params, self.state, self.tokens = (compiled, params,
+                                                           state, tokens)
+
+  def __call__(self):
+    self.params, self.state, loss = self.compiled(self.params, self.state,
+                                                  self.tokens)
+    jax.block_until_ready((self.params, self.state, loss))
+
+
+def _median(xs) -> float | None:
+  return float(statistics.median(xs)) if xs else None
+
+
+def _finish_rows(rows, samples, key: str) -> None:
+  """Adds medians, sample counts and ratios to the baseline (in place)."""
+  base = _median(samples.get(BASELINE, []))
+  for row in rows:
+    med = _median(samples.get(row['optimizer'], []))
+    row[f'{key}_s'] = med
+    row[f'{key}_calls'] = len(samples.get(row['optimizer'], []))
+    row[f'{key}_ratio'] = (med / base if med is not None and base else None)
+
+
+def _against_baseline(rows) -> None:
+  """Adds peak saving ÷ state saved and the compile-time ratio (in place).
+
+  The saving ratio is left out (None) where less than 1% of the baseline's
+  state is saved: a ratio of two near-zero numbers says nothing.
+  """
+  base = next((r for r in rows if r['optimizer'] == BASELINE), None)
+  for row in rows:
+    row['peak_saving_over_state_saved'] = None
+    row['compile_s_ratio'] = None
+    if base is None:
+      continue
+    saved = base['state_bytes'] - row['state_bytes']
+    if saved > 0.01 * base['state_bytes']:
+      row['peak_saving_over_state_saved'] = (
+          (base['peak_bytes'] - row['peak_bytes']) / saved)
+    if base['compile_s'] > 0:
+      row['compile_s_ratio'] = row['compile_s'] / base['compile_s']
+
+
+# --- sections ------------------------------------------------------------------
+
+
+def machine(size: Size) -> dict[str, Any]:
+  dev = jax.devices()[0]
+  return {
+      'device_kind': dev.device_kind, 'platform': dev.platform,
+      'device_count': jax.device_count(), 'backend': jax.default_backend(),
+      'jax': jax.__version__, 'optax': optax.__version__,
+      'numpy': np.__version__, 'python': platform.python_version(),
+      'host': platform.processor() or platform.machine(),
+      'flora_modes': [m for m in flora_modes()],
+      'size': dataclasses.asdict(size),
+  }
+
+
+def _compile(fn, *args, repeats: int = 1, **jit_kwargs):
+  """``common.compile_timed``, the fastest of ``repeats`` compilations.
+
+  JAX's in-process caches are cleared before each, so every one lowers and
+  compiles from scratch.
+  """
+  best = None
+  for _ in range(repeats):
+    jax.clear_caches()
+    out = common.compile_timed(fn, *args, **jit_kwargs)
+    if best is None or out[2] < best[2]:
+      best = out
+  return best
+
+
+def _warm_compile(fn, *args, **jit_kwargs) -> float:
+  """Compiles once so that one-time costs (backend start-up, GEMM autotuning
+  of shared shapes) are not charged to the first candidate."""
+  return common.compile_timed(fn, *args, **jit_kwargs)[2]
+
+
+def update_section(size: Size, budget: Budget, log) -> dict[str, Any]:
+  shapes = common.gpt2_layout(*size.update_layout)
+  params = common.random_like(shapes, seed=0)
+  grads = common.random_like(shapes, seed=1, scale=1e-3)
+  mid = size.ranks[len(size.ranks) // 2]
+  sgd = optax.sgd(LR)
+  warm = _warm_compile(lambda g, s, p: sgd.update(g, s, p), grads,
+                       sgd.init(params), params, donate_argnums=1)
+  rows, thunks, errors, skipped = [], {}, {}, []
+  longest = 0.0
+  for name, family, rank, make in candidates(size.ranks, rbg_rank=mid):
+    if not budget.allows(size.compile_repeats * longest * 1.5 + 5):
+      skipped.append(name)
+      continue
+    try:
+      tx = make()
+      state = jax.jit(tx.init)(params)
+      if family == 'galore':
+        state = _skip_galore_refresh(state)
+      compiled, mem, secs = _compile(
+          lambda g, s, p, tx=tx: tx.update(g, s, p), grads, state, params,
+          repeats=size.compile_repeats, donate_argnums=1)
+    except Exception as e:  # pylint: disable=broad-except
+      # Only expected for flora with an rbg key (another engineer is adding
+      # support); recorded rather than fatal either way.
+      errors[name] = f'{type(e).__name__}: {e}'[:500]
+      log(f'  {name}: {errors[name][:120]}')
+      continue
+    longest = max(longest, secs)
+    rows.append({'optimizer': name, 'family': family, 'rank': rank,
+                 'state_bytes': common.tree_bytes(state),
+                 'state_mib': common.mib(common.tree_bytes(state)),
+                 'compile_s': secs, 'hlo_ops': _hlo_ops(compiled), **mem,
+                 'peak_mib': common.mib(mem['peak_bytes'])})
+    thunks[name] = _Update(compiled, grads, state, params)
+    log(f'  {name}: compiled in {secs:.1f} s, peak '
+        f'{common.mib(mem["peak_bytes"]):.0f} MiB')
+  samples = _interleave(thunks, size.repeats, budget)
+  del thunks
+  _finish_rows(rows, samples, 'update')
+  _against_baseline(rows)
+  return {'workload': 'gpt2-layout %dx%d vocab %d' % (
+      size.update_layout[0], size.update_layout[1], size.update_layout[2]),
+          'param_bytes': common.tree_bytes(shapes),
+          'warmup_compile_s': warm, 'rows': rows, 'errors': errors,
+          'skipped': skipped}
+
+
+def step_candidates(rank: int):
+  """The train-step rows, most important first (a budget cut drops the last)."""
+  modes = flora_modes()
+  out = [(BASELINE, 'adafactor', None,
+          lambda: optax.adafactor(LR, momentum=0.9))]
+  out += [(_flora_name(rank, m), 'flora', rank, _make_flora(rank, m))
+          for m in modes]
+  out += [('adafactor', 'adafactor', None, lambda: optax.adafactor(LR)),
+          ('adamw', 'adamw', None, lambda: optax.adamw(LR))]
+  out.append((f'galore r={rank}', 'galore', rank,
+              lambda: optax.contrib.galore(LR, rank)))
+  return out
+
+
+def step_section(size: Size, budget: Budget, log) -> dict[str, Any]:
+  cfg = size.step
+  shapes = accumulation.gpt_shapes(cfg)
+  params0 = accumulation.init_params(shapes)
+  tokens = jax.random.randint(jax.random.key(2), (cfg.batch, cfg.seq_len + 1),
+                              0, cfg.vocab, jnp.int32)
+  # The model alone (SGD): warms the compiler and gives the floor.
+  sgd = optax.sgd(LR)
+  t0 = time.perf_counter()
+  warm = _warm_compile(accumulation.train_step(sgd, cfg.n_head),
+                       params0, sgd.init(params0), tokens,
+                       donate_argnums=(0, 1))
+  longest = time.perf_counter() - t0
+  rows, thunks, skipped = [], {}, []
+  for name, family, rank, make in step_candidates(size.step_rank):
+    if not budget.allows(1.5 * longest + 5):
+      skipped.append(name)
+      continue
+    tx = make()
+    params = jax.tree.map(jnp.copy, params0)  # each candidate donates its own
+    state = jax.jit(tx.init)(params)
+    if family == 'galore':
+      state = _skip_galore_refresh(state)
+    compiled, mem, secs = _compile(
+        accumulation.train_step(tx, cfg.n_head), params, state, tokens,
+        donate_argnums=(0, 1))
+    longest = max(longest, secs)
+    rows.append({'optimizer': name, 'family': family, 'rank': rank,
+                 'state_bytes': common.tree_bytes(state),
+                 'state_mib': common.mib(common.tree_bytes(state)),
+                 'compile_s': secs, **mem,
+                 'peak_mib': common.mib(mem['peak_bytes'])})
+    thunks[name] = _Step(compiled, params, state, tokens)
+    log(f'  {name}: compiled in {secs:.1f} s, peak '
+        f'{common.mib(mem["peak_bytes"]):.0f} MiB')
+  samples = _interleave(thunks, size.step_repeats, budget)
+  losses = {n: float(th.compiled(th.params, th.state, th.tokens)[2])
+            for n, th in thunks.items()} if budget.allows(0) else {}
+  del thunks
+  _finish_rows(rows, samples, 'step')
+  _against_baseline(rows)
+  for row in rows:
+    row['loss_after'] = losses.get(row['optimizer'])
+  return {'model': dataclasses.asdict(cfg),
+          'params': sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)),
+          'tokens_per_step': cfg.tokens, 'warmup_compile_s': warm,
+          'rows': rows, 'skipped': skipped}
+
+
+def projection_section(size: Size, budget: Budget, log) -> dict[str, Any]:
+  """Generation of every projection per PRNG implementation vs compressing."""
+  shapes = common.gpt2_layout(*size.update_layout)
+  plans = [pl for pl in jax.tree.leaves(
+      flora_optax.Projector(size.proj_rank).plan(shapes)) if not pl.dense]
+
+  def draw(key):
+    # As flora does: one key per leaf (fold_in), one normal draw per leaf,
+    # in the (*batch, r, d) layout of LeafPlan.projection.
+    out = []
+    for i, pl in enumerate(plans):
+      batch = tuple(pl.shape[a] for a in pl.batch_axes)
+      out.append(jax.random.normal(jax.random.fold_in(key, i),
+                                   (*batch, pl.rank, pl.d), jnp.float32))
+    return out
+
+  def compress(gs, ps):
+    out = []
+    for pl, g, p in zip(plans, gs, ps):
+      comp = tuple(pl.shape[a] for a in pl.compress_axes)
+      out.append(pl.compress(g, p.reshape(*p.shape[:-1], *comp)))
+    return out
+
+  grads = [jax.random.normal(jax.random.key(i), pl.shape, jnp.float32)
+           for i, pl in enumerate(plans)]
+  thunks, compile_s, errors = {}, {}, {}
+  projs = None
+  for impl in PRNG_IMPLS:
+    try:
+      key = jax.random.key(0, impl=impl)
+      compiled, _, secs = common.compile_timed(draw, key)
+      if projs is None:
+        projs = compiled(key)
+    except Exception as e:  # pylint: disable=broad-except
+      errors[impl] = f'{type(e).__name__}: {e}'[:500]
+      continue
+    compile_s[impl] = secs
+    thunks[impl] = (lambda c=compiled, k=key: jax.block_until_ready(c(k)))
+  compiled, _, secs = common.compile_timed(compress, grads, projs)
+  compile_s['compress'] = secs
+  thunks['compress'] = lambda: jax.block_until_ready(compiled(grads, projs))
+  samples = _interleave(thunks, size.proj_repeats, budget)
+  med = {k: _median(v) for k, v in samples.items()}
+  rows = []
+  for impl in PRNG_IMPLS:
+    if impl not in med:
+      continue
+    rows.append({'impl': impl, 'generate_s': med[impl],
+                 'compress_s': med['compress'],
+                 'generate_over_compress': (
+                     med[impl] / med['compress']
+                     if med[impl] is not None and med['compress'] else None),
+                 'calls': len(samples[impl]),
+                 'compile_s': compile_s[impl]})
+    log(f'  {impl}: generation / compress = '
+        f'{rows[-1]["generate_over_compress"]}')
+  n_proj = sum(math.prod(pl.shape[a] for a in pl.batch_axes)
+               for pl in plans)
+  return {'rank': size.proj_rank, 'matrices': n_proj,
+          'projection_elements': sum(
+              math.prod(pl.shape[a] for a in pl.batch_axes) * pl.rank * pl.d
+              for pl in plans),
+          'compress_flops': sum(2 * math.prod(pl.shape) * pl.rank
+                                for pl in plans),
+          'compress_compile_s': compile_s['compress'], 'rows': rows,
+          'errors': errors}
+
+
+# --- targets (issue 14 item 2) --------------------------------------------------
+
+
+def _row(rows, name):
+  return next((r for r in rows if r['optimizer'] == name), None)
+
+
+def _target(text, figures, met):
+  return {'target': text, 'figures': figures, 'met': met}
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+  out = []
+  upd = res.get('update', {}).get('rows', [])
+  step = res.get('train_step', {}).get('rows', [])
+  flora_upd = [r for r in upd if r['family'] == 'flora']
+  flora_step = [r for r in step if r['family'] == 'flora']
+  fmt = lambda x, f='.2f': 'n/a' if x is None else format(x, f)
+
+  def judge(rows, key, ok):
+    vals = [r.get(key) for r in rows]
+    if not rows or any(v is None for v in vals):
+      return None  # not measured (budget or failure)
+    return all(ok(v) for v in vals)
+
+  if upd:
+    out.append(_target(
+        'update peak saving ≥ 0.9× state saved (vs adafactor(m=0.9))',
+        ', '.join(f'{r["optimizer"]}: {fmt(r["peak_saving_over_state_saved"])}'
+                  for r in flora_upd),
+        judge(flora_upd, 'peak_saving_over_state_saved', lambda v: v >= 0.9)))
+    small = [r for r in flora_upd if r['rank'] <= 256]
+    out.append(_target(
+        'flora update ≤ 1.05× adafactor(m=0.9), every rank ≤ 256',
+        ', '.join(f'{r["optimizer"]}: {fmt(r["update_ratio"])}×'
+                  for r in small),
+        judge(small, 'update_ratio', lambda v: v <= 1.05)))
+    out.append(_target(
+        'flora update compile time ≤ 1.5× adafactor(m=0.9)\'s',
+        ', '.join(f'{r["optimizer"]}: {fmt(r.get("compile_s_ratio"))}×'
+                  for r in flora_upd),
+        judge(flora_upd, 'compile_s_ratio', lambda v: v <= 1.5)))
+  if step:
+    out.append(_target(
+        'flora train step ≤ 1.03× adafactor(m=0.9)',
+        ', '.join(f'{r["optimizer"]}: {fmt(r["step_ratio"], ".3f")}×'
+                  for r in flora_step),
+        judge(flora_step, 'step_ratio', lambda v: v <= 1.03)))
+    out.append(_target(
+        'flora train-step compile time ≤ 1.5× adafactor(m=0.9)\'s',
+        ', '.join(f'{r["optimizer"]}: {fmt(r.get("compile_s_ratio"))}×'
+                  for r in flora_step),
+        judge(flora_step, 'compile_s_ratio', lambda v: v <= 1.5)))
+  proj = res.get('projection', {}).get('rows', [])
+  if proj:
+    default = [r for r in proj if r['impl'] == 'threefry2x32']
+    out.append(_target(
+        'projection generation ≤ 25% of the compress products '
+        '(judged on threefry2x32, flora\'s default)',
+        ', '.join(f'{r["impl"]}: {fmt(r["generate_over_compress"])}'
+                  for r in proj),
+        judge(default, 'generate_over_compress', lambda v: v <= 0.25)))
+  return out
+
+
+# --- output --------------------------------------------------------------------
+
+
+def markdown(res: dict[str, Any]) -> str:
+  m = res['machine']
+  lines = [f'# Flora on {m["device_kind"]} ({m["platform"]})', '',
+           f'jax {m["jax"]}, optax {m["optax"]}, size `{m["size"]["name"]}`, '
+           f'flora momentum modes {m["flora_modes"]}; '
+           f'{res.get("elapsed_s", 0):.0f} s of wall time. Times are medians '
+           'of interleaved calls; ratios are to adafactor(m=0.9) in the same '
+           'run; peaks are XLA\'s memory_analysis() (arguments + outputs + '
+           'temporaries - donated); compile time is lowering + XLA '
+           f'compilation (update: the fastest of {m["size"]["compile_repeats"]}'
+           ', train step: one).', '']
+  fmt = lambda x, f='.3g': 'n/a' if x is None else format(x, f)
+  if res.get('targets'):
+    lines += ['## Targets (issue 14 item 2)', '',
+              common.markdown_table(
+                  ['target', 'figures', 'met'],
+                  [[t['target'], t['figures'],
+                    {True: 'yes', False: '**no**', None: 'not measured'}[
+                        t['met']]] for t in res['targets']])]
+  if 'update' in res:
+    u = res['update']
+    lines += [f'## Update ({u["workload"]}, '
+              f'{common.mib(u["param_bytes"]):.0f} MiB of float32 params)', '',
+              common.markdown_table(
+                  ['optimizer', 'state MiB', 'update ms', '÷ baseline',
+                   'peak MiB', 'peak saving ÷ state saved', 'compile s',
+                   'compile ÷ baseline', 'HLO ops', 'calls'],
+                  [[r['optimizer'], fmt(r['state_mib'], '.1f'),
+                    fmt(r['update_s'] and 1e3 * r['update_s']),
+                    fmt(r['update_ratio'], '.2f'), fmt(r['peak_mib'], '.0f'),
+                    fmt(r['peak_saving_over_state_saved'], '.2f'),
+                    fmt(r['compile_s'], '.2f'),
+                    fmt(r.get('compile_s_ratio'), '.2f'), r['hlo_ops'],
+                    r['update_calls']] for r in u['rows']])]
+    for name, err in u['errors'].items():
+      lines.append(f'- {name} failed: `{err[:200]}`')
+    if u['skipped']:
+      lines.append(f'- skipped (budget): {", ".join(u["skipped"])}')
+    lines.append('')
+  if 'train_step' in res:
+    s = res['train_step']
+    lines += [f'## Train step ({s["params"] / 1e6:.1f}M params, '
+              f'{s["tokens_per_step"]} tokens per step; the model alone '
+              f'compiles in {s["warmup_compile_s"]:.1f} s with SGD, first)',
+              '',
+              common.markdown_table(
+                  ['optimizer', 'state MiB', 'step ms', '÷ baseline',
+                   'peak MiB', 'peak saving ÷ state saved', 'compile s',
+                   'compile ÷ baseline', 'calls'],
+                  [[r['optimizer'], fmt(r['state_mib'], '.1f'),
+                    fmt(r['step_s'] and 1e3 * r['step_s']),
+                    fmt(r['step_ratio'], '.3f'), fmt(r['peak_mib'], '.0f'),
+                    fmt(r['peak_saving_over_state_saved'], '.2f'),
+                    fmt(r['compile_s'], '.2f'),
+                    fmt(r.get('compile_s_ratio'), '.2f'), r['step_calls']]
+                   for r in s['rows']])]
+    if s['skipped']:
+      lines.append(f'- skipped (budget): {", ".join(s["skipped"])}')
+    lines.append('')
+  if 'projection' in res:
+    p = res['projection']
+    lines += [f'## Projection generation (rank {p["rank"]}, {p["matrices"]} '
+              f'matrices, {p["projection_elements"] / 1e6:.1f}M normals; '
+              f'compress: {p["compress_flops"] / 1e9:.1f} GFLOP)', '',
+              common.markdown_table(
+                  ['PRNG', 'generate ms', 'compress ms', 'generate ÷ compress',
+                   'calls'],
+                  [[r['impl'], fmt(r['generate_s'] and 1e3 * r['generate_s']),
+                    fmt(r['compress_s'] and 1e3 * r['compress_s']),
+                    fmt(r['generate_over_compress'], '.2f'), r['calls']]
+                   for r in p['rows']])]
+    for impl, err in p['errors'].items():
+      lines.append(f'- {impl} failed: `{err[:200]}`')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def write(res: dict[str, Any], out: str) -> tuple[str, str]:
+  """Writes ``gpu_<platform>.json`` and ``.md`` (through temporary files, so
+  a run killed mid-write leaves the previous section's complete files)."""
+  os.makedirs(out, exist_ok=True)
+  stem = os.path.join(out, f'gpu_{res["machine"]["platform"]}')
+  res['elapsed_s'] = time.perf_counter() - _START
+  res['targets'] = targets(res)
+  for path, text in ((stem + '.json', json.dumps(res, indent=2,
+                                                 default=float)),
+                     (stem + '.md', markdown(res))):
+    with open(path + '.tmp', 'w') as f:
+      f.write(text)
+    os.replace(path + '.tmp', path)
+  return stem + '.json', stem + '.md'
+
+
+def main(argv=None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(prog='python -m benchmarks.gpu',
+                                   description=__doc__.split('\n')[0])
+  group = parser.add_mutually_exclusive_group()
+  group.add_argument('--quick', action='store_true',
+                     help='tiny shapes: a smoke test (no meaningful figures)')
+  group.add_argument('--cpu-full', action='store_true',
+                     help='GPT-2-small update, a 256-token train step')
+  parser.add_argument('--out', default=None,
+                      help='results folder (default benchmarks/results, or '
+                      'benchmarks/results/quick with --quick)')
+  parser.add_argument('--budget', type=float, default=None,
+                      help='wall seconds from start-up (default per size)')
+  parser.add_argument('--sections', default='projection,update,train_step',
+                      help='comma-separated subset, run in this order')
+  parser.add_argument('--quiet', action='store_true',
+                      help='do not print the JSON at the end')
+  args = parser.parse_args(argv)
+  size = SIZES['quick' if args.quick else
+               'cpu-full' if args.cpu_full else 'full']
+  budget = Budget(args.budget or size.budget_s)
+  out = args.out or (os.path.join(common.RESULTS_DIR, 'quick')
+                     if args.quick else common.RESULTS_DIR)
+  log = lambda s: print(f'[{time.perf_counter() - _START:6.1f} s] {s}',
+                        file=sys.stderr, flush=True)
+  sections = {'projection': projection_section, 'update': update_section,
+              'train_step': step_section}
+  # Each section's share of the time left when it starts, so that a slow
+  # update section can not leave the train step nothing.
+  shares = {'projection': 0.12, 'update': 0.5, 'train_step': 1.0}
+  wanted = [s.strip() for s in args.sections.split(',') if s.strip()]
+  bad = [s for s in wanted if s not in sections]
+  if bad:
+    parser.error(f'--sections: unknown {bad}; accepted: {list(sections)}')
+  res = {'machine': machine(size), 'not_run': []}
+  paths = write(res, out)
+  for name in wanted:
+    if not budget.allows(10):
+      res['not_run'].append(name)
+      log(f'{name}: not run (budget spent)')
+      continue
+    log(f'{name}: start ({budget.left():.0f} s left)')
+    try:
+      share = shares[name] if name != wanted[-1] else 1.0
+      res[name] = sections[name](size, budget.share(share), log)
+    except Exception as e:  # pylint: disable=broad-except
+      # A failing section must not lose the others' figures.
+      res.setdefault('section_errors', {})[name] = (
+          f'{type(e).__name__}: {e}'[:1000])
+      log(f'{name}: FAILED {res["section_errors"][name][:300]}')
+    paths = write(res, out)
+  for t in res['targets']:
+    verdict = {True: 'met', False: 'MISSED', None: 'not measured'}[t['met']]
+    log(f'[{verdict}] {t["target"]}: {t["figures"]}')
+  log('wrote ' + ' '.join(paths))
+  if not args.quiet:
+    print(json.dumps(res, indent=2, default=float))
+  return res
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
