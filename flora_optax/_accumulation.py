@@ -246,6 +246,7 @@ class MultiSteps:
                       f'{should_skip_update_fn!r}.')
     # A typed key: the PRNG implementation is fixed here, at construction.
     self._key = _keys.typed_key(key)
+    self._user_key = key
     self._projector = _projection.Projector(
         rank, projection=projection, side=side,
         dimension_numbers=dimension_numbers)
@@ -282,7 +283,9 @@ class MultiSteps:
         acc_grads=_sketch_zeros(self._projector, params,
                                 self._accumulator_dtype),
         skip_state=skip_state,
-        key=_keys.key_data(self._key),
+        # From the user's key, made here: under an Explicit mesh an int seed
+        # then gives replicated key data, as every other state leaf.
+        key=_keys.key_data(self._user_key, self._key),
     )
 
   def update(

@@ -296,24 +296,25 @@ def make_compressed_momentum(
     # otherwise donate one buffer twice.
     return CompressedMomentumState(
         count=jnp.zeros([], jnp.int32), cycle=jnp.zeros([], jnp.int32),
-        key=_keys.key_data(typed_key), mu=mu)
+        # From the user's key, made here: under an Explicit mesh an int seed
+        # then gives replicated key data, as every other state leaf.
+        key=_keys.key_data(key, typed_key), mu=mu)
 
-  def carry(plan, m, p_old, p_new, sharding):
+  def carry(plan, m, p_old, p_new, sharding, gram_inv_old):
     """The sketch ``m`` made with ``p_old``, moved to ``p_new``."""
     if projected_state and transfer != 'reset':
-      m = plan.subspace_coordinates(m, p_old, projection, sharding)
+      m = plan.subspace_coordinates(m, p_old, projection, sharding,
+                                    gram_inv_old)
       return plan.transfer(m, p_old, p_new, 'unbiased', sharding)
     return plan.transfer(m, p_old, p_new, transfer, sharding)
 
-  def output(plan, g, s, new_m, p, sharding):
+  def output(plan, g, s, new_m, p, sharding, gram_inv):
     """The update of a compressed leaf from its input ``g``, ``s = C(g)``."""
     if not residual:
       out = plan.decompress(new_m, p, sharding)
       return decay * out + (1 - decay) * g if nesterov else out
     # out = (I - Π) g + (momentum in the subspace)
     #     = g + decompress(coef): one decompression, as in paper mode.
-    gram_inv = (None if projection == 'orthogonal' else
-                plan.gram_inverse(p, projection))
     if subspace_scale == 'projection':
       coef = plan.subspace_coordinates(new_m - s, p, projection, sharding,
                                        gram_inv)
@@ -323,6 +324,11 @@ def make_compressed_momentum(
     if nesterov:  # β·(momentum) + (1-β)·Π g inside the subspace
       coef = decay * coef
     return g + plan.decompress(coef, p, sharding)
+
+  def gram_invs(items, ps, needed):
+    if not needed or projection == 'orthogonal':  # Gram = (d/r) I exactly
+      return [None] * len(items)
+    return _projection.gram_inverses(items, ps, projection)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -344,36 +350,46 @@ def make_compressed_momentum(
     old_key = _keys.cycle_key(state.key, state.cycle, 'momentum',
                               impl=typed_key)
 
-    def leaf(path, plan, g, m):
-      dt = jnp.promote_types(g.dtype, jnp.float32)
-      g32 = g.astype(dt)
-      if plan.dense:
-        new_m = (1 - decay) * g32 + decay * m.astype(dt)
-        out = decay * new_m + (1 - decay) * g32 if nesterov else new_m
-        return out.astype(g.dtype), new_m.astype(acc_dtype)
-      sharding = _projection.explicit_sharding(g)
-      p = plan.projection(_keys.leaf_key(new_key, path), projection, dt)
-      m = m.astype(dt)
-      if new_cycle is not None:
-        # The old projection is only drawn on the first step of a cycle.
-        m = jax.lax.cond(
-            new_cycle,
-            lambda m: carry(
-                plan, m,
-                plan.projection(_keys.leaf_key(old_key, path), projection, dt),
-                p, sharding),
-            lambda m: m, m)
-      s = plan.compress(g32, p, sharding)
-      new_m = (1 - decay) * s + decay * m
-      out = output(plan, g32, s, new_m, p, sharding)
-      return out.astype(g.dtype), new_m.astype(acc_dtype)
+    # Work on flat lists: projections of one shape are drawn (and Gram
+    # matrices inverted) together, which keeps the compiled program small.
+    flat, treedef = _projection.flatten_plans(plans)
+    gs = treedef.flatten_up_to(updates)
+    dts = [jnp.promote_types(g.dtype, jnp.float32) for g in gs]
+    ms = [m.astype(dt) for m, dt in zip(treedef.flatten_up_to(state.mu), dts)]
+    items = [(path, plan, dt) for (path, plan), dt in zip(flat, dts)]
+    shardings = [_projection.explicit_sharding(g) for g in gs]
+    ps = _projection.draw_projections(items, new_key, projection)
+    compressed = any(p is not None for p in ps)
 
-    pairs = jax.tree_util.tree_map_with_path(leaf, plans, updates, state.mu)
-    new_updates, new_mu = jax.tree.transpose(
-        jax.tree.structure(plans, is_leaf=lambda x: isinstance(
-            x, _projection.LeafPlan)),
-        jax.tree.structure((0, 0)), pairs)
-    return new_updates, CompressedMomentumState(
-        count=count, cycle=cycle, key=state.key, mu=new_mu)
+    if new_cycle is not None and compressed:
+
+      def transfer_all(ms):
+        # The old projections are only drawn on the first step of a cycle.
+        olds = _projection.draw_projections(items, old_key, projection)
+        invs = gram_invs(items, olds, projected_state and transfer != 'reset')
+        return [
+            m if p is None else carry(plan, m, p_old, p, sh, inv)
+            for (_, plan, _), m, p_old, p, sh, inv in zip(
+                items, ms, olds, ps, shardings, invs)
+        ]
+
+      ms = jax.lax.cond(new_cycle, transfer_all, lambda ms: ms, ms)
+
+    invs = gram_invs(items, ps, residual)
+    outs, new_ms = [], []
+    for (_, plan, dt), g, m, p, sh, inv in zip(items, gs, ms, ps, shardings,
+                                               invs):
+      g32 = g.astype(dt)
+      if p is None:  # dense: an exact EMA
+        new_m = (1 - decay) * g32 + decay * m
+        out = decay * new_m + (1 - decay) * g32 if nesterov else new_m
+      else:
+        s = plan.compress(g32, p, sh)
+        new_m = (1 - decay) * s + decay * m
+        out = output(plan, g32, s, new_m, p, sh, inv)
+      outs.append(out.astype(g.dtype))
+      new_ms.append(new_m.astype(acc_dtype))
+    return treedef.unflatten(outs), CompressedMomentumState(
+        count=count, cycle=cycle, key=state.key, mu=treedef.unflatten(new_ms))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -243,3 +243,35 @@ def test_bad_leaves_fail_at_plan_time_naming_the_leaf():
   with pytest.raises(ValueError, match='dimension_numbers.*twice'):
     Projector(4, dimension_numbers=DimensionNumbers(0, (0, 1))).plan(
         {'w': jnp.zeros((8, 8, 8))})
+
+
+@pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
+@pytest.mark.parametrize('projection', ['gaussian', 'rademacher', 'orthogonal'])
+def test_grouped_draws_are_the_per_leaf_projections_bit_for_bit(
+    projection, impl):
+  # The optimizers draw same-shaped projections in one vmapped call (a much
+  # smaller compiled program); every leaf must still get exactly the
+  # projection of its own key, in and out of jit.
+  from flora_optax import _keys, _projection  # pylint: disable=g-import-not-at-top
+  like = {'a': jnp.zeros((8, 24)), 'b': jnp.zeros((8, 24)),
+          'c': jnp.zeros((24, 8)), 'd': jnp.zeros((2, 8, 24)),
+          'e': jnp.zeros((8, 30)), 'v': jnp.zeros((24,))}
+  proj = flora_optax.Projector(4, projection=projection)
+  key = jax.random.key(5, impl=impl)
+  flat, _ = _projection.flatten_plans(proj.plan(like))
+  items = [(path, plan, jnp.float32) for path, plan in flat]
+
+  def per_leaf(key):
+    return [None if plan.dense else plan.projection(
+        _keys.leaf_key(key, path), projection, jnp.float32)
+            for path, plan in flat]
+
+  for draw in (lambda k: _projection.draw_projections(items, k, projection),
+               jax.jit(lambda k: _projection.draw_projections(
+                   items, k, projection))):
+    got = draw(key)
+    for (path, _), g, w in zip(flat, got, per_leaf(key)):
+      if w is None:
+        assert g is None
+      else:
+        np.testing.assert_array_equal(g, w, err_msg=str(path))
