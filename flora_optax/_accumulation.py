@@ -79,12 +79,9 @@ def _compute_dtype(dtype) -> Any:
 
 def _draw(projector, paths, plans, likes, cycle_key) -> list[Any]:
   """The projection of every compressed leaf (``None`` for dense leaves)."""
-  return [
-      None if pl.dense else pl.projection(
-          _keys.leaf_key(cycle_key, path), projector.projection,
-          _compute_dtype(x.dtype))
-      for path, pl, x in zip(paths, plans, likes)
-  ]
+  items = [(path, pl, _compute_dtype(x.dtype))
+           for path, pl, x in zip(paths, plans, likes)]
+  return _projection.draw_projections(items, cycle_key, projector.projection)
 
 
 def _accumulate(plans, ps, grads, accs, n, use_grad_mean: bool) -> list[Any]:

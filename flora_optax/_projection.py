@@ -748,19 +748,34 @@ class Projector:
     ``A`` of the LoRA view: ``compress`` is ``G Aᵀ``. Only for inspection and
     experiments; the optimizers never store it.
     """
-    key = _as_typed(key)
-
-    def f(path, plan, x):
-      if plan.dense:
-        return None
-      return plan.projection(_keys.leaf_key(key, path), self.projection,
-                             self._compute_dtype(x))
-
-    return jax.tree_util.tree_map_with_path(f, self.plan(like), like)
+    ps = self._map(lambda plan, dt, ps, x: ps[0], [key], like, like)
+    return jax.tree.map(lambda plan, p: None if plan.dense else p,
+                        self.plan(like), ps, is_leaf=_is_plan)
 
   # --- tree operations ---------------------------------------------------
   def _compute_dtype(self, x) -> Any:
     return jnp.promote_types(x.dtype, jnp.float32)
+
+  def _map(self, fn, keys, like, *trees):
+    """``fn(plan, dtype, projections, *leaves)`` on every compressed leaf.
+
+    Dense leaves return their leaf of ``trees[0]``. ``projections`` holds the
+    leaf's ``P`` for each key of ``keys``, drawn with
+    :func:`draw_projections` (as the optimizers draw them) in the compute
+    dtype of ``trees[0]``'s leaf.
+    """
+    flat, treedef = flatten_plans(self.plan(like))
+    leaves = [treedef.flatten_up_to(t) for t in trees]
+    items = [(path, plan, self._compute_dtype(x))
+             for (path, plan), x in zip(flat, leaves[0])]
+    pss = [draw_projections(items, _as_typed(k), self.projection)
+           for k in keys]
+    out = []
+    for i, (_, plan, dt) in enumerate(items):
+      args = [ls[i] for ls in leaves]
+      out.append(args[0] if plan.dense else
+                 fn(plan, dt, [ps[i] for ps in pss], *args))
+    return treedef.unflatten(out)
 
   def compress(self, tree: Any, key: jax.Array) -> Any:
     """Compresses every leaf: ``G Pᵀ`` or ``P G`` (dense leaves unchanged).
@@ -773,16 +788,10 @@ class Projector:
     Returns:
       The sketches, computed in at least float32.
     """
-    key = _as_typed(key)
-
-    def f(path, plan, g):
-      if plan.dense:
-        return g
-      dt = self._compute_dtype(g)
-      p = plan.projection(_keys.leaf_key(key, path), self.projection, dt)
-      return plan.compress(g.astype(dt), p, explicit_sharding(g))
-
-    return jax.tree_util.tree_map_with_path(f, self.plan(tree), tree)
+    return self._map(
+        lambda plan, dt, ps, g: plan.compress(g.astype(dt), ps[0],
+                                              explicit_sharding(g)),
+        [key], tree, tree)
 
   def decompress(self, sketches: Any, key: jax.Array, like: Any) -> Any:
     """Maps sketches back to full size: ``C P`` or ``Pᵀ C``.
@@ -795,16 +804,10 @@ class Projector:
     Returns:
       A tree with the shapes of ``like``, in the sketches' dtype.
     """
-    key = _as_typed(key)
-
-    def f(path, plan, c, x):
-      if plan.dense:
-        return c
-      p = plan.projection(_keys.leaf_key(key, path), self.projection,
-                          self._compute_dtype(c))
-      return plan.decompress(c, p, explicit_sharding(x))
-
-    return jax.tree_util.tree_map_with_path(f, self.plan(like), sketches, like)
+    return self._map(
+        lambda plan, dt, ps, c, x: plan.decompress(c, ps[0],
+                                                   explicit_sharding(x)),
+        [key], like, sketches, like)
 
   def transfer(self,
                sketches: Any,
@@ -821,20 +824,10 @@ class Projector:
     ``'reset'`` returns zeros.
     """
     check_choice(method, 'method', TRANSFERS)
-    old_key, new_key = _as_typed(old_key), _as_typed(new_key)
-
-    def f(path, plan, c, x):
-      if plan.dense:
-        return c
-      dt = self._compute_dtype(c)
-      p_old = plan.projection(_keys.leaf_key(old_key, path), self.projection,
-                              dt)
-      p_new = plan.projection(_keys.leaf_key(new_key, path), self.projection,
-                              dt)
-      return plan.transfer(c.astype(dt), p_old, p_new, method,
-                           explicit_sharding(x))
-
-    return jax.tree_util.tree_map_with_path(f, self.plan(like), sketches, like)
+    return self._map(
+        lambda plan, dt, ps, c, x: plan.transfer(
+            c.astype(dt), ps[0], ps[1], method, explicit_sharding(x)),
+        [old_key, new_key], like, sketches, like)
 
   def project(self, tree: Any, key: jax.Array) -> Any:
     """Projects every leaf orthogonally onto the row space of its ``P``.
@@ -854,17 +847,11 @@ class Projector:
     Returns:
       A tree like ``tree``, computed in at least float32.
     """
-    key = _as_typed(key)
-
-    def f(path, plan, g):
-      if plan.dense:
-        return g
-      dt = self._compute_dtype(g)
-      p = plan.projection(_keys.leaf_key(key, path), self.projection, dt)
-      return plan.project(g.astype(dt), p, self.projection,
-                          explicit_sharding(g))
-
-    return jax.tree_util.tree_map_with_path(f, self.plan(tree), tree)
+    return self._map(
+        lambda plan, dt, ps, g: plan.project(g.astype(dt), ps[0],
+                                             self.projection,
+                                             explicit_sharding(g)),
+        [key], tree, tree)
 
 
 def _as_typed(key: Any) -> jax.Array:
