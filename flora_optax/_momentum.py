@@ -303,9 +303,9 @@ def make_compressed_momentum(
   def carry(plan, m, p_old, p_new, sharding, gram_inv_old):
     """The sketch ``m`` made with ``p_old``, moved to ``p_new``."""
     if projected_state and transfer != 'reset':
-      m = plan.subspace_coordinates(m, p_old, projection, sharding,
-                                    gram_inv_old)
-      return plan.transfer(m, p_old, p_new, 'unbiased', sharding)
+      # compress_new(Π_old M): the r×r matrix (P_old P_oldᵀ)⁻¹ P_old P_newᵀ.
+      rows_old = plan.dual_rows(p_old, projection, gram_inv_old)
+      return plan.transfer(m, rows_old, p_new, 'unbiased', sharding)
     return plan.transfer(m, p_old, p_new, transfer, sharding)
 
   def output(plan, g, s, new_m, p, sharding, gram_inv):
@@ -316,14 +316,17 @@ def make_compressed_momentum(
     # out = (I - Π) g + (momentum in the subspace)
     #     = g + decompress(coef): one decompression, as in paper mode.
     if subspace_scale == 'projection':
-      coef = plan.subspace_coordinates(new_m - s, p, projection, sharding,
-                                       gram_inv)
+      # Π (M - g) = decompress(C_M - C_g) with (P Pᵀ)⁻¹ P as rows: r²·d
+      # flops for the r×r factor instead of n·r² on the sketch.
+      coef = new_m - s
+      rows = plan.dual_rows(p, projection, gram_inv)
     else:
       coef = new_m - plan.subspace_coordinates(s, p, projection, sharding,
                                                gram_inv)
+      rows = p
     if nesterov:  # β·(momentum) + (1-β)·Π g inside the subspace
       coef = decay * coef
-    return g + plan.decompress(coef, p, sharding)
+    return g + plan.decompress(coef, rows, sharding)
 
   def gram_invs(items, ps, needed):
     if not needed or projection == 'orthogonal':  # Gram = (d/r) I exactly
