@@ -18,7 +18,7 @@ from flora_optax._projection import LeafPlan as LeafPlan
 from flora_optax._projection import Projector as Projector
 from flora_optax._sharding import state_shardings as state_shardings
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 __all__ = [
     'CompressedMomentumState',
