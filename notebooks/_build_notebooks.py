@@ -210,8 +210,8 @@ def lora() -> list:
       'frozen and plain SGD, and the full weight moves by `-η G Aᵀ A`, where '
       '`G` is the gradient of the full weight. That is a random projection of '
       '`G` (compress: `G Aᵀ`, decompress: `· A`). So LoRA with a frozen `A` '
-      'is exactly `compressed_momentum(decay=0, resample_every=None)` with '
-      'projection `P = A`. And since the updates live in the row space of '
+      'is exactly `compressed_momentum(decay=0, resample_every=None, '
+      'residual=False)` (the paper\'s mode) with projection `P = A`. And since the updates live in the row space of '
       'one `A`, their sum never exceeds rank `r`; Flora resamples `P`, so '
       'the sum of its updates can have full rank.')
   cells += [
@@ -221,7 +221,7 @@ def lora() -> list:
           'only `B` (with `A` taken from the optimizer\'s own key, via '
           '`Projector.projections` and `cycle_key`); the Flora run trains the '
           'full `W` through `compressed_momentum(decay=0, '
-          'resample_every=None)`. Both use `optax.sgd`.'),
+          'resample_every=None, residual=False)`. Both use `optax.sgd`.'),
       v4.new_code_cell(
           "N, DIN, DOUT, R = 256, 64, 48, 4\n"
           "LR, T, KEY = 0.02, 60, 7  # E[AᵀA] = I, but AᵀA has eigenvalues ~d/r\n"
@@ -234,7 +234,8 @@ def lora() -> list:
           "  return 0.5 * jnp.mean(jnp.sum((X @ w - Y) ** 2, axis=-1))\n\n\n"
           "# Flora: the full weight, compressed 'momentum' with decay 0, no resampling.\n"
           "flora_tx = optax.chain(\n"
-          "    flora_optax.compressed_momentum(R, decay=0.0, resample_every=None, key=KEY),\n"
+          "    flora_optax.compressed_momentum(R, decay=0.0, resample_every=None, key=KEY,\n"
+          "                                    residual=False),\n"
           "    optax.sgd(LR))\n"
           "# The frozen A: the projection that optimizer draws in cycle 0.\n"
           "A = flora_optax.Projector(R).projections(\n"
@@ -262,17 +263,19 @@ def lora() -> list:
           'Same problem; the target `W_true` has full rank 48. We track the '
           'numerical rank of `W_t − W₀` and the loss for: LoRA (both `A` and '
           '`B` trained), Flora without resampling (LoRA with frozen `A`), and '
-          'Flora resampling every κ steps. All use SGD; Flora also with '
-          'momentum 0.9.'),
+          'Flora resampling every κ steps, all in the paper\'s mode '
+          '(`residual=False`). All use SGD; Flora also with momentum 0.9. '
+          'The last row is the default residual mode, never resampled.'),
       v4.new_code_cell(
           "T2 = 40 if SMOKE else 400\n\n\n"
           "def numerical_rank(m):\n"
           "  s = np.linalg.svd(np.asarray(m), compute_uv=False)\n"
           "  return int(np.sum(s > 1e-3 * s[0])) if s[0] > 0 else 0\n\n\n"
-          "def run_flora(decay, kappa):\n"
+          "def run_flora(decay, kappa, residual=False):\n"
           "  tx = optax.chain(\n"
           "      flora_optax.compressed_momentum(R, decay=decay, resample_every=kappa,\n"
-          "                                      key=KEY, transfer='projected'),\n"
+          "                                      key=KEY, transfer='projected',\n"
+          "                                      residual=residual),\n"
           "      optax.sgd(LR))\n"
           "  p = {'w': W0}; s = tx.init(p)\n"
           "  step = jax.jit(lambda p, s: tx.update(jax.grad(lambda q: loss_w(q['w']))(p), s, p))\n"
@@ -297,6 +300,7 @@ def lora() -> list:
           "    f'Flora r={R}, never resampled': run_flora(0.0, None),\n"
           "    f'Flora r={R}, kappa=10': run_flora(0.0, 10),\n"
           "    f'Flora r={R}, kappa=10, momentum 0.9': run_flora(0.9, 10),\n"
+          "    f'Flora r={R} residual (default), never resampled': run_flora(0.9, None, True),\n"
           "}\n"
           "for name, (ranks, losses) in curves.items():\n"
           "  print(f'{name:<38} final rank {ranks[-1]:>2}, final loss {losses[-1]:.4f}')"),
@@ -315,7 +319,10 @@ def lora() -> list:
           'summed update reach full rank and the loss keep falling. '
           '(`transfer=\'projected\'` carries the momentum sketch to the new '
           'projection without the norm growth of the unbiased transfer at '
-          'this small κ; see `compressed_momentum`.)'),
+          'this small κ; see `compressed_momentum`.) The default residual '
+          'mode passes the part of each gradient outside the sketch\'s '
+          'subspace straight through, so its updates have full rank even '
+          'without resampling.'),
   ]
   return cells
 
