@@ -274,3 +274,12 @@ def test_changing_resample_every_transfers_from_the_stored_cycle():
     chex.assert_trees_all_close(out, proj.decompress(mu, k, params),
                                 rtol=1e-4, atol=1e-5)
     assert int(s.inner_state.cycle) == cycle
+
+
+def test_make_compressed_momentum_takes_the_arguments_of_the_public_one():
+  import inspect  # pylint: disable=g-import-not-at-top
+  pub = inspect.signature(compressed_momentum).parameters
+  full = dict(inspect.signature(_momentum.make_compressed_momentum).parameters)
+  assert set(full) - set(pub) == {'subspace_scale'}
+  for name, param in pub.items():
+    assert full[name] == param, name
