@@ -17,26 +17,32 @@ import numpy as np
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), 'results')
 
-# XLA:CPU in jaxlib 0.10 can hang for good running some programs that hold a
-# LAPACK call (the r×r inverse of residual flora) and fused dots inside a
-# loop, e.g. a vmapped lax.scan of training steps; its concurrency-optimised
-# scheduler is what hangs. Measured on the flora chains of
-# benchmarks/quality.py; see README, "Guarantees and limits".
-_XLA_CPU_HANG_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+# XLA:CPU in jaxlib 0.10 can hang for good running some programs that hold
+# LAPACK calls (the r×r inverse of residual flora, a QR) and fused dots inside
+# a loop, e.g. a vmapped lax.scan of training steps (cf. jax-ml/jax#39257).
+# Its concurrency-optimised scheduler and its experimental "ynn" fusions are
+# what hang; each flag alone removed the hangs we reproduced, so both are set.
+_XLA_CPU_HANG_FLAGS = (
+    '--xla_cpu_enable_concurrency_optimized_scheduler=false',
+    '--xla_cpu_experimental_ynn_fusion_type=',
+)
 
 
 def avoid_xla_cpu_hang() -> None:
-  """Turns that scheduler off; call before JAX's first computation.
+  """Sets those flags; call before JAX's first computation.
 
   Only for jaxlib 0.10, the version where the hang was seen (an XLA flag
-  that a later version drops would stop JAX at start-up).
+  that another version does not know stops JAX at start-up). A flag the user
+  already set is kept.
   """
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   if not importlib.metadata.version('jaxlib').startswith('0.10.'):
     return
   flags = os.environ.get('XLA_FLAGS', '')
-  if _XLA_CPU_HANG_FLAG.split('=')[0] not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {_XLA_CPU_HANG_FLAG}'.strip()
+  for flag in _XLA_CPU_HANG_FLAGS:
+    if flag.split('=')[0] not in flags:
+      flags = f'{flags} {flag}'.strip()
+  os.environ['XLA_FLAGS'] = flags
 
 
 def gpt2_shapes(size: str = 'small') -> dict[str, Any]:

@@ -49,27 +49,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 
-def _disable_ynn_fusion() -> None:
-  """Works around jaxlib 0.10.2+ XLA:CPU "ynn" fusions that hang or crash.
-
-  Some of this study's programs (residual momentum in the paper position,
-  vmapped over models) deadlock in them (jax-ml/jax#39257). Must run before
-  JAX starts its CPU backend; a user's own setting is kept.
-  """
-  flags = os.environ.get('XLA_FLAGS', '')
-  try:
-    version = tuple(int(x) for x in
-                    importlib.metadata.version('jaxlib').split('.')[:3])
-  except (importlib.metadata.PackageNotFoundError, ValueError):
-    return
-  # Older jaxlibs reject the flag as unknown.
-  if version >= (0, 10, 2) and 'ynn_fusion' not in flags:
-    os.environ['XLA_FLAGS'] = (
-        flags + ' --xla_cpu_experimental_ynn_fusion_type=').strip()
-
-
-_disable_ynn_fusion()
-
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
