@@ -151,9 +151,11 @@ def compressed_momentum(
   in one ``r``-dimensional subspace; measured, it trains worse than no
   momentum at all. The residual output keeps every direction of the update
   and the momentum where the sketch has it (the idea of FRUGAL and Fira, here
-  with key-derived projections). The state and its size are the same in both
-  modes; a residual step costs the same two ``O(n·m·r)`` products plus an
-  ``r×r`` inverse.
+  with key-derived projections). Measured (README, "Which momentum"), it is
+  never worse than no momentum, but recovers only part of the benefit of a
+  dense momentum. The state and its size are the same in both modes; a
+  residual step costs the same two ``O(n·m·r)`` products plus an ``r×r``
+  inverse.
 
   Leaves that are not compressed keep an exact dense EMA (``optax.ema`` without
   debiasing) in both modes. With ``resample_every=None`` the projection never
