@@ -311,10 +311,12 @@ def draw_projections(items: Sequence[tuple[Any, LeafPlan, Any]],
   (GPT-2 small: 50 draws become one), which for Threefry keys gives the very
   same values as one call per leaf: compiled programs stay small without
   changing a projection. Other implementations (``rbg``) do not promise that,
-  so their leaves are drawn one by one.
+  and a batched QR (``'orthogonal'``) may round differently from one QR per
+  leaf from one program to another, so those are drawn one by one.
   """
   out: list[jax.Array | None] = [None] * len(items)
-  batched = _keys.impl_name(key) == 'threefry2x32'
+  batched = (_keys.impl_name(key) == 'threefry2x32' and
+             projection != 'orthogonal')
   for idx in _groups(items):
     _, plan0, dtype = items[idx[0]]
     if not batched or len(idx) == 1:

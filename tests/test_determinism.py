@@ -81,7 +81,11 @@ def _spawn(tmp_path, name, hash_seed, devices, order):
   script.write_text(SCRIPT)
   env = dict(os.environ, PYTHONHASHSEED=str(hash_seed),
              JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(devices))
-  env.pop('XLA_FLAGS', None)
+  # The same XLA flags as this process (conftest's work-arounds), without a
+  # device count of its own.
+  env['XLA_FLAGS'] = ' '.join(
+      f for f in os.environ.get('XLA_FLAGS', '').split()
+      if 'force_host_platform_device_count' not in f)
   out = tmp_path / f'{name}.npz'
   return out, subprocess.Popen(
       [sys.executable, str(script), str(out), order], env=env,
