@@ -13,9 +13,9 @@ from flora_optax._keys import cycle_key as cycle_key
 from flora_optax._momentum import CompressedMomentumState as CompressedMomentumState
 from flora_optax._momentum import TransferStabilityWarning as TransferStabilityWarning
 from flora_optax._momentum import compressed_momentum as compressed_momentum
-from flora_optax._projection import DimensionNumbers as DimensionNumbers
 from flora_optax._projection import LeafPlan as LeafPlan
-from flora_optax._projection import Projector as Projector
+from flora_optax._projector import Projector as Projector
+from flora_optax._types import DimensionNumbers as DimensionNumbers
 from flora_optax._sharding import state_shardings as state_shardings
 
 __version__ = '0.2.0'

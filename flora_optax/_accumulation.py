@@ -24,13 +24,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from flora_optax import _checks
 from flora_optax import _keys
-from flora_optax import _projection
-from flora_optax._projection import (DimensionNumbersSpec, Projection, RankFn,
-                                     Side)
+from flora_optax import _leaves
+from flora_optax import _sharding
+from flora_optax._leaves import Leaves
+from flora_optax._projector import Projector
+from flora_optax._types import (DimensionNumbersSpec, KeyLike, Projection,
+                                RankFn, Side)
 
 
 class MultiStepsState(NamedTuple):
@@ -60,66 +63,18 @@ class MultiStepsState(NamedTuple):
   key: jax.Array | None = None  # shape=(2,), dtype=jnp.uint32; set by init.
 
 
-# --- per-leaf primitives shared by MultiSteps and accumulate_gradients -------
-# Both forms go through these, so they agree bit for bit. Projections are drawn
-# once per update and reused for compression and decompression.
+def _accumulate(leaves: Leaves, ps, grads, accs, n,
+                use_grad_mean: bool) -> list[Any]:
+  """Adds one micro-gradient's sketches to the accumulators.
 
-
-def _flat(projector: _projection.Projector, tree: Any):
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  paths = [p for p, _ in leaves]
-  plans = jax.tree.leaves(projector.plan(tree),
-                          is_leaf=lambda x: isinstance(x, _projection.LeafPlan))
-  return paths, plans, [x for _, x in leaves], treedef
-
-
-def _compute_dtype(dtype) -> Any:
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _draw(projector, paths, plans, likes, cycle_key) -> list[Any]:
-  """The projection of every compressed leaf (``None`` for dense leaves)."""
-  items = [(path, pl, _compute_dtype(x.dtype))
-           for path, pl, x in zip(paths, plans, likes)]
-  return _projection.draw_projections(items, cycle_key, projector.projection)
-
-
-def _accumulate(plans, ps, grads, accs, n, use_grad_mean: bool) -> list[Any]:
-  """Adds one micro-gradient to the accumulators (Welford mean or sum)."""
-  out = []
-  for pl, p, g, acc in zip(plans, ps, grads, accs):
-    c = g if pl.dense else pl.compress(g.astype(p.dtype), p,
-                                       _projection.explicit_sharding(g))
-    if use_grad_mean:
-      # Welford's running mean, as optax.MultiSteps: stable in low precision.
-      out.append(acc + (c - acc) / (n + 1))
-    else:
-      out.append(acc + c)
-  return out
-
-
-def _decompress(plans, ps, accs, likes) -> list[Any]:
-  return [
-      acc if pl.dense else pl.decompress(acc.astype(p.dtype), p,
-                                         _projection.explicit_sharding(x))
-      for pl, p, acc, x in zip(plans, ps, accs, likes)
-  ]
-
-
-def _sketch_zeros(projector, tree: Any, dtype) -> Any:
-  plans = projector.plan(tree)
-  zeros = jax.tree.map(lambda pl, x: _projection.sketch_zeros(pl, x, dtype),
-                       plans, tree)
-  # Flax NNX: sketches must not inherit their params' sharding names.
-  return _projection.fit_nnx_metadata(tree, zeros, plans)
-
-
-def _zeros_of(shape: jax.ShapeDtypeStruct) -> jax.Array:
-  """Zeros of a traced shape, keeping its sharding on an Explicit mesh."""
-  sharding = _projection.explicit_sharding(shape)
-  if sharding is None:
-    return jnp.zeros(shape.shape, shape.dtype)
-  return jnp.zeros(shape.shape, shape.dtype, out_sharding=sharding)
+  Shared by :class:`MultiSteps` and :func:`accumulate_gradients`, which
+  therefore agree bit for bit.
+  """
+  cs = leaves.compress(grads, ps)
+  if use_grad_mean:
+    # Welford's running mean, as optax.MultiSteps: stable in low precision.
+    return [acc + (c - acc) / (n + 1) for c, acc in zip(cs, accs)]
+  return [acc + c for c, acc in zip(cs, accs)]
 
 
 def _cast_dtypes(new: Any, old: Any) -> Any:
@@ -132,6 +87,12 @@ def _cast_dtypes(new: Any, old: Any) -> Any:
     return n
 
   return jax.tree.map(f, new, old)
+
+
+def _zero_updates(inner, updates, inner_state) -> Any:
+  """Zeros shaped like the inner optimizer's updates (only traced)."""
+  shapes, _ = jax.eval_shape(inner, updates, inner_state)
+  return jax.tree.map(_sharding.zeros_of, shapes)
 
 
 def _never_skip(*unused_args, **unused_kwargs):
@@ -214,7 +175,7 @@ class MultiSteps:
                                        jax.typing.ArrayLike],
       *,
       rank: int | RankFn,
-      key: Any = 0,
+      key: KeyLike = 0,
       use_grad_mean: bool = True,
       should_skip_update_fn: Callable[..., Any] | None = None,
       accumulator_dtype: jax.typing.DTypeLike = jnp.float32,
@@ -222,31 +183,19 @@ class MultiSteps:
       side: Side = 'smaller',
       dimension_numbers: DimensionNumbersSpec = None,
   ):
-    if not (hasattr(opt, 'init') and hasattr(opt, 'update') and
-            callable(opt.init) and callable(opt.update)):
-      raise TypeError('`opt` must be an optax.GradientTransformation (with '
-                      f'init and update), got {type(opt).__name__}.')
-    if isinstance(every_k_schedule, bool) or not (
-        isinstance(every_k_schedule, (int, np.integer)) or
-        callable(every_k_schedule)):
-      raise TypeError('`every_k_schedule` must be a positive int or a callable '
-                      f'gradient_step -> int, got {every_k_schedule!r}.')
-    if not callable(every_k_schedule) and every_k_schedule < 1:
-      raise ValueError('`every_k_schedule` must be a positive int, got '
-                       f'{every_k_schedule}.')
-    if not isinstance(use_grad_mean, bool):
-      raise TypeError(f'`use_grad_mean` must be a bool, got {use_grad_mean!r}.')
-    if should_skip_update_fn is not None and not callable(
-        should_skip_update_fn):
-      raise TypeError('`should_skip_update_fn` must be None or a callable '
-                      '(updates, gradient_step, params) -> (bool, state), got '
-                      f'{should_skip_update_fn!r}.')
+    _checks.check_transformation(opt, 'opt')
+    _checks.check_every_k_schedule(every_k_schedule)
+    _checks.check_bool(use_grad_mean, 'use_grad_mean')
+    if should_skip_update_fn is not None:
+      _checks.check_callable(
+          should_skip_update_fn, 'should_skip_update_fn',
+          'None or a callable (updates, gradient_step, params) -> (bool, '
+          'state)')
     # A typed key: the PRNG implementation is fixed here, at construction.
     self._key = _keys.typed_key(key)
     self._user_key = key
-    self._projector = _projection.Projector(
-        rank, projection=projection, side=side,
-        dimension_numbers=dimension_numbers)
+    self._projector = Projector(rank, projection=projection, side=side,
+                                dimension_numbers=dimension_numbers)
     self._opt = optax.with_extra_args_support(opt)
     if callable(every_k_schedule):
       self._every_k_schedule = every_k_schedule
@@ -256,15 +205,15 @@ class MultiSteps:
     self._use_grad_mean = use_grad_mean
     self._skip_given = should_skip_update_fn is not None
     self._should_skip_update_fn = should_skip_update_fn or _never_skip
-    self._accumulator_dtype = _projection.check_float_dtype(accumulator_dtype,
-                                                   'accumulator_dtype')
+    self._accumulator_dtype = _checks.check_float_dtype(accumulator_dtype,
+                                                        'accumulator_dtype')
 
   @property
   def inner_opt(self) -> optax.GradientTransformationExtraArgs:
     return self._opt
 
   @property
-  def projector(self) -> _projection.Projector:
+  def projector(self) -> Projector:
     """The :class:`Projector` that compresses the accumulator."""
     return self._projector
 
@@ -277,8 +226,8 @@ class MultiSteps:
         mini_step=jnp.zeros([], dtype=jnp.int32),
         gradient_step=gradient_step,
         inner_opt_state=self._opt.init(params),
-        acc_grads=_sketch_zeros(self._projector, params,
-                                self._accumulator_dtype),
+        acc_grads=_leaves.sketch_zeros(self._projector, params,
+                                       self._accumulator_dtype),
         skip_state=skip_state,
         # From the user's key, made here: under an Explicit mesh an int seed
         # then gives replicated key data, as every other state leaf.
@@ -297,65 +246,64 @@ class MultiSteps:
     should_skip, skip_state = self._should_skip_update_fn(
         updates, state.gradient_step, params)
     should_skip = jnp.asarray(should_skip)
-    if (should_skip.dtype, should_skip.shape) != (jnp.bool_, ()):
-      raise ValueError(
-          'The `should_skip_update_fn` function should return a boolean scalar '
-          f'array, but it returned an array of dtype {should_skip.dtype} and '
-          f'shape {should_skip.shape}.')
-    acc_dtype = self._accumulator_dtype
-    paths, plans, grads, treedef = _flat(self._projector, updates)
-    _projection.check_sketches(self._projector.plan(updates), state.acc_grads,
-                               'gradient accumulator', params)
+    _checks.check_skip_result(should_skip)
+    leaves = Leaves.of(self._projector, updates)
+    _checks.check_sketches(leaves.unflatten(leaves.plans), state.acc_grads,
+                           'gradient accumulator', params)
 
     def inner(g, inner_state):
       return self._opt.update(g, inner_state, params, **extra_args)
 
-    def zero_updates():
-      # Only shapes are traced here; the inner update does not run.
-      shapes, _ = jax.eval_shape(inner, updates, state.inner_opt_state)
-      return jax.tree.map(_zeros_of, shapes)
-
-    def do_update(state):
-      cycle_key = _keys.cycle_key(state.key, state.gradient_step,
-                                  'accumulation', impl=self._key)
-      ps = _draw(self._projector, paths, plans, grads, cycle_key)
-      accs = _accumulate(plans, ps, grads, treedef.flatten_up_to(
-          state.acc_grads), state.mini_step, self._use_grad_mean)
-      emit = state.mini_step == k_steps - 1
-
-      def boundary(accs, inner_state):
-        mean = treedef.unflatten(_decompress(plans, ps, accs, grads))
-        new_updates, new_inner = inner(
-            optax.tree.cast_like(mean, updates), inner_state)
-        zeros = [jnp.zeros_like(a, acc_dtype) for a in accs]
-        return new_updates, _cast_dtypes(new_inner, inner_state), zeros
-
-      def micro(accs, inner_state):
-        return (zero_updates(), inner_state,
-                [jnp.astype(a, acc_dtype) for a in accs])
-
-      # The inner optimizer runs on the last micro-step only.
-      new_updates, new_inner, new_accs = jax.lax.cond(
-          emit, boundary, micro, accs, state.inner_opt_state)
-      new_state = MultiStepsState(
-          mini_step=optax.safe_increment(state.mini_step) % k_steps,
-          gradient_step=jnp.where(emit,
-                                  optax.safe_increment(state.gradient_step),
-                                  state.gradient_step),
-          inner_opt_state=new_inner,
-          acc_grads=treedef.unflatten(new_accs),
-          skip_state=skip_state,
-          key=state.key,
-      )
-      return new_updates, new_state
+    def micro_step(state):
+      return self._micro_step(leaves, updates, state, k_steps, skip_state,
+                              inner)
 
     if not self._skip_given:
-      return do_update(state)
+      return micro_step(state)
 
-    def skip_update(state):
-      return zero_updates(), state._replace(skip_state=skip_state)
+    def skip(state):
+      return (_zero_updates(inner, updates, state.inner_opt_state),
+              state._replace(skip_state=skip_state))
 
-    return jax.lax.cond(should_skip, skip_update, do_update, state)
+    return jax.lax.cond(should_skip, skip, micro_step, state)
+
+  def _micro_step(self, leaves: Leaves, updates, state: MultiStepsState,
+                  k_steps, skip_state, inner):
+    """Adds ``updates`` to the accumulator; on the cycle's last micro-step
+    hands the decompressed mean to the inner optimizer."""
+    acc_dtype = self._accumulator_dtype
+    cycle_key = _keys.cycle_key(state.key, state.gradient_step,
+                                'accumulation', impl=self._key)
+    ps = leaves.draw(cycle_key)  # once, for compression and decompression
+    accs = _accumulate(leaves, ps, leaves.flatten(updates),
+                       leaves.flatten(state.acc_grads), state.mini_step,
+                       self._use_grad_mean)
+    emit = state.mini_step == k_steps - 1
+
+    def emit_update(accs, inner_state):
+      mean = leaves.unflatten(leaves.decompress(accs, ps))
+      new_updates, new_inner = inner(optax.tree.cast_like(mean, updates),
+                                     inner_state)
+      zeros = [jnp.zeros_like(a, acc_dtype) for a in accs]
+      return new_updates, _cast_dtypes(new_inner, inner_state), zeros
+
+    def hold(accs, inner_state):
+      return (_zero_updates(inner, updates, inner_state), inner_state,
+              [jnp.astype(a, acc_dtype) for a in accs])
+
+    # The inner optimizer runs on the last micro-step only.
+    new_updates, new_inner, new_accs = jax.lax.cond(
+        emit, emit_update, hold, accs, state.inner_opt_state)
+    return new_updates, MultiStepsState(
+        mini_step=optax.safe_increment(state.mini_step) % k_steps,
+        gradient_step=jnp.where(emit,
+                                optax.safe_increment(state.gradient_step),
+                                state.gradient_step),
+        inner_opt_state=new_inner,
+        acc_grads=leaves.unflatten(new_accs),
+        skip_state=skip_state,
+        key=state.key,
+    )
 
   def has_updated(self, state: MultiStepsState | Any) -> jax.Array:
     """Whether the last call to :meth:`update` ran the inner optimizer."""
@@ -373,9 +321,9 @@ def accumulate_gradients(
     params: optax.Params,
     micro_batches: Any,
     *,
-    projector: _projection.Projector,
+    projector: Projector,
     step: jax.typing.ArrayLike,
-    key: Any = 0,
+    key: KeyLike = 0,
     use_grad_mean: bool = True,
     accumulator_dtype: jax.typing.DTypeLike = jnp.float32,
     has_aux: bool = False,
@@ -442,47 +390,35 @@ def accumulate_gradients(
     Hao, Cao and Mou, `Flora: Low-Rank Adapters Are Secretly Gradient
     Compressors <https://arxiv.org/abs/2402.03293>`_, ICML 2024.
   """
-  if not callable(grad_fn):
-    raise TypeError(f'`grad_fn` must be callable, got {grad_fn!r}.')
-  if not isinstance(projector, _projection.Projector):
+  _checks.check_callable(grad_fn, 'grad_fn', 'callable')
+  if not isinstance(projector, Projector):
     raise TypeError('`projector` must be a flora_optax.Projector, got '
                     f'{type(projector).__name__}.')
-  if not isinstance(use_grad_mean, bool):
-    raise TypeError(f'`use_grad_mean` must be a bool, got {use_grad_mean!r}.')
-  acc_dtype = _projection.check_float_dtype(accumulator_dtype,
-                                                   'accumulator_dtype')
+  _checks.check_bool(use_grad_mean, 'use_grad_mean')
+  acc_dtype = _checks.check_float_dtype(accumulator_dtype, 'accumulator_dtype')
   key = _keys.typed_key(key)
-  sizes = {np.shape(x)[0] if np.ndim(x) else None
-           for x in jax.tree.leaves(micro_batches)}
-  if len(sizes) != 1 or None in sizes or 0 in sizes:
-    raise ValueError(
-        '`micro_batches` must be a non-empty pytree whose leaves share a '
-        f'leading (micro-batch) axis of size >= 1; got leading sizes {sizes}.')
-  (k,) = sizes
+  k = _checks.check_micro_batches(micro_batches)
 
   first = jax.tree.map(lambda x: x[0], micro_batches)
   out_shapes = jax.eval_shape(grad_fn, params, first)
   grad_shapes = out_shapes[0] if has_aux else out_shapes
-  paths, plans, likes, treedef = _flat(projector, grad_shapes)
-  cycle_key = _keys.cycle_key(key, step, 'accumulation')
+  leaves = Leaves.of(projector, grad_shapes)
   # Drawn once, outside the loop, and shared by every micro-batch.
-  ps = _draw(projector, paths, plans, likes, cycle_key)
+  ps = leaves.draw(_keys.cycle_key(key, step, 'accumulation'))
 
   def body(accs, xs):
     n, batch = xs
     out = grad_fn(params, batch)
     grads, aux = out if has_aux else (out, None)
-    accs = _accumulate(plans, ps, treedef.flatten_up_to(grads), accs, n,
+    accs = _accumulate(leaves, ps, leaves.flatten(grads), accs, n,
                        use_grad_mean)
     return [jnp.astype(a, acc_dtype) for a in accs], aux
 
-  accs0 = [_projection.sketch_zeros(pl, x, acc_dtype)
-           for pl, x in zip(plans, likes)]
+  accs0 = [_sharding.sketch_zeros(plan, x, acc_dtype)
+           for plan, x in zip(leaves.plans, leaves.flatten(grad_shapes))]
   accs, aux = jax.lax.scan(body, accs0,
                            (jnp.arange(k, dtype=jnp.int32), micro_batches))
-  grads = [
-      jnp.astype(g, x.dtype)
-      for g, x in zip(_decompress(plans, ps, accs, likes), likes)
-  ]
-  grads = treedef.unflatten(grads)
+  grads = [jnp.astype(g, x.dtype) for g, x in zip(
+      leaves.decompress(accs, ps), leaves.flatten(grad_shapes))]
+  grads = leaves.unflatten(grads)
   return (grads, aux) if has_aux else grads

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from flora_optax._momentum import DEFAULT_RESIDUAL, DEFAULT_SUBSPACE_SCALE
-from flora_optax._momentum import check_decay, make_compressed_momentum
-from flora_optax._projection import check_float_dtype
-from flora_optax._projection import fit_nnx_metadata
-from flora_optax._projection import (DimensionNumbersSpec, Projection, RankFn,
-                                     Side, Transfer, check_choice,
-                                     check_float_leaves, check_like_params)
+from flora_optax import _checks
+from flora_optax import _nnx
+from flora_optax._momentum import (DEFAULT_RESIDUAL, DEFAULT_SUBSPACE_SCALE,
+                                   make_compressed_momentum)
+from flora_optax._types import (DimensionNumbersSpec, KeyLike, Projection,
+                                RankFn, Side, Transfer)
 
 MOMENTUM_POSITIONS = ('paper', 'optax')
 # Measured (README, "Which momentum"): in residual mode the momentum sits
@@ -24,37 +22,13 @@ MOMENTUM_POSITIONS = ('paper', 'optax')
 DEFAULT_RESIDUAL_POSITION = 'optax'
 
 
-def _min_dim_size_to_factor(value: Any) -> int:
-  """``min_dim_size_to_factor`` as the Python int optax's Adafactor needs."""
-  if value is None:
-    return 128  # optax.adafactor's default
-  if isinstance(value, (jax.Array, np.ndarray)):
-    # optax.scale_by_factored_rms compares it with shapes in Python: a
-    # concrete array (optax.inject_hyperparams at an eager init) is read back,
-    # a traced one can not be.
-    if isinstance(value, jax.core.Tracer):
-      raise TypeError(
-          '`min_dim_size_to_factor` sets state shapes and can not be traced '
-          '(it arrived as a traced array, e.g. from optax.inject_hyperparams '
-          'under jit): leave it at its default (None), or pass '
-          "static_args=('rank', 'min_dim_size_to_factor').")
-    if np.ndim(value) != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
-      raise TypeError('`min_dim_size_to_factor` must be an int, got '
-                      f'{value!r}.')
-    return int(value)
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError('`min_dim_size_to_factor` must be an int or None, got '
-                    f'{value!r}.')
-  return int(value)
-
-
 def flora(
     learning_rate: optax.ScalarOrSchedule | None,
     rank: int | RankFn,
     *,
     resample_every: int | None = 1000,
     momentum: float | None = 0.9,
-    key: Any = 0,
+    key: KeyLike = 0,
     nesterov: bool = False,
     min_dim_size_to_factor: int | None = None,
     decay_rate: float = 0.8,
@@ -63,11 +37,11 @@ def flora(
     clipping_threshold: float | None = 1.0,
     # A dtype instance, not the callable jnp.float32: optax.inject_hyperparams
     # would take a callable for a schedule.
-    dtype_momentum: Any = jnp.dtype('float32'),
+    dtype_momentum: jax.typing.DTypeLike = jnp.dtype('float32'),
     weight_decay_rate: float | None = None,
     eps: float = 1e-30,
     factored: bool = True,
-    weight_decay_mask: Any = None,
+    weight_decay_mask: optax.Params | Callable[[optax.Params], optax.Params] | None = None,
     projection: Projection = 'gaussian',
     side: Side = 'smaller',
     dimension_numbers: DimensionNumbersSpec = None,
@@ -163,7 +137,7 @@ def make_flora(
     *,
     resample_every: int | None = 1000,
     momentum: float | None = 0.9,
-    key: Any = 0,
+    key: KeyLike = 0,
     nesterov: bool = False,
     min_dim_size_to_factor: int | None = None,
     decay_rate: float = 0.8,
@@ -172,11 +146,11 @@ def make_flora(
     clipping_threshold: float | None = 1.0,
     # A dtype instance, not the callable jnp.float32: optax.inject_hyperparams
     # would take a callable for a schedule.
-    dtype_momentum: Any = jnp.dtype('float32'),
+    dtype_momentum: jax.typing.DTypeLike = jnp.dtype('float32'),
     weight_decay_rate: float | None = None,
     eps: float = 1e-30,
     factored: bool = True,
-    weight_decay_mask: Any = None,
+    weight_decay_mask: optax.Params | Callable[[optax.Params], optax.Params] | None = None,
     projection: Projection = 'gaussian',
     side: Side = 'smaller',
     dimension_numbers: DimensionNumbersSpec = None,
@@ -197,20 +171,18 @@ def make_flora(
   """
   if momentum_position is None:
     momentum_position = DEFAULT_RESIDUAL_POSITION if residual else 'paper'
-  check_choice(momentum_position, 'momentum_position', MOMENTUM_POSITIONS)
+  _checks.check_choice(momentum_position, 'momentum_position',
+                       MOMENTUM_POSITIONS)
   # rank and min_dim_size_to_factor set state shapes. Under
   # optax.inject_hyperparams a number not in static_args arrives as an array
   # (an int default too: hence min_dim_size_to_factor=None).
-  if isinstance(rank, (jax.Array, np.ndarray)):
-    raise TypeError(
-        f'`rank` must be a Python int, got an array ({rank!r}). It sets state '
-        'shapes, so it must be static: under optax.inject_hyperparams pass '
-        "static_args=('rank',).")
-  min_dim_size_to_factor = _min_dim_size_to_factor(min_dim_size_to_factor)
+  _checks.check_rank(rank)
+  min_dim_size_to_factor = _checks.check_min_dim_size_to_factor(
+      min_dim_size_to_factor)
   # Checked here so that errors name flora's arguments, not the inner ones.
   if momentum is not None:
-    check_decay(momentum, 'momentum')
-    check_float_dtype(dtype_momentum, 'dtype_momentum')
+    _checks.check_decay(momentum, 'momentum')
+    _checks.check_float_dtype(dtype_momentum, 'dtype_momentum')
   tx = [
       optax.scale_by_factored_rms(factored, decay_rate, decay_offset,
                                   min_dim_size_to_factor, eps)
@@ -250,19 +222,19 @@ def make_flora(
     # Adafactor's parts would fail on a mismatched tree with a bare
     # broadcasting error, or broadcast silently: name the leaf instead.
     if params is not None:
-      check_like_params(updates, params)
+      _checks.check_like_params(updates, params)
     return chain.update(updates, state, params, **extra_args)
 
   def init_fn(params):
     # Adafactor's parts would fail on a Python scalar or an int leaf with an
     # error from inside optax that does not name the leaf.
-    check_float_leaves(params)
+    _checks.check_float_leaves(params)
     state = chain.init(params)
     # Flax NNX: Adafactor's factored rows and (1,) placeholders must not
-    # inherit their params' sharding metadata (see fit_nnx_metadata).
+    # inherit their params' sharding metadata (see _nnx.fit_metadata).
     factored = state[0]
     factored = factored._replace(**{
-        f: fit_nnx_metadata(params, getattr(factored, f))
+        f: _nnx.fit_metadata(params, getattr(factored, f))
         for f in ('v_row', 'v_col', 'v')})
     return (factored,) + tuple(state[1:])
 

@@ -42,13 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flora_optax import _checks
+from flora_optax._types import ImplLike, KeyLike
+
 # Distinct constants folded into the root key per use of the projections.
 MOMENTUM_PURPOSE = 0x6D6F6D  # 'mom'
 ACCUMULATION_PURPOSE = 0x616363  # 'acc'
-
-KeyLike = Any  # int | jax.Array (typed key or raw uint32 key data)
-ImplLike = Any  # None | str | a typed key whose implementation is meant
-
 
 def _is_typed(key: Any) -> bool:
   return isinstance(key, jax.Array) and jax.dtypes.issubdtype(
@@ -73,52 +72,11 @@ def impl_name(impl: ImplLike = None) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _key_data_shape(impl: str) -> tuple[int, ...]:
+def key_data_shape(impl: str) -> tuple[int, ...]:
+  """The shape of the raw key data of PRNG implementation ``impl``."""
   # eval_shape: no device work, and usable while tracing.
   return tuple(jax.eval_shape(
       lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape)
-
-
-def _default_key_data_shape() -> tuple[int, ...]:
-  return _key_data_shape(impl_name())
-
-
-def check_key(key: KeyLike, name: str = 'key') -> str:
-  """Raises a clear error at build time for a key that can not be used.
-
-  Traced values (e.g. under ``optax.inject_hyperparams``) are accepted as they
-  are; only their dtype is checked.
-
-  Returns:
-    The name of the PRNG implementation the key is used with: a typed key's
-    own, otherwise the current default.
-  """
-  if isinstance(key, bool):
-    raise TypeError(f'`{name}` must be an int seed or a JAX PRNG key, got a '
-                    'bool.')
-  if isinstance(key, (int, np.integer)):
-    return impl_name()
-  if isinstance(key, (jax.Array, np.ndarray)):
-    dtype = key.dtype
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-      if key.shape != ():
-        raise ValueError(f'`{name}` must be a single typed key, got a key '
-                         f'array of shape {tuple(key.shape)}.')
-      return impl_name(key)
-    if jnp.issubdtype(dtype, jnp.integer):
-      shape = tuple(key.shape)
-      if shape == () or (dtype == jnp.uint32 and
-                         shape == _default_key_data_shape()):
-        return impl_name()
-      raise ValueError(
-          f'`{name}` as an integer array must be a scalar seed or raw uint32 '
-          f'key data of shape {_default_key_data_shape()} (the default PRNG '
-          f'implementation, {impl_name()}), got shape {shape} and dtype '
-          f'{dtype}. For another implementation pass a typed key, e.g. '
-          "jax.random.wrap_key_data(data, impl='rbg').")
-  raise TypeError(
-      f'`{name}` must be an int seed, a typed key (jax.random.key) or raw '
-      f'uint32 key data (jax.random.PRNGKey), got {type(key).__name__}.')
 
 
 def typed_key(key: KeyLike, name: str = 'key') -> jax.Array:
@@ -128,7 +86,7 @@ def typed_key(key: KeyLike, name: str = 'key') -> jax.Array:
   so it is fixed when the optimizer is built. Pass the result as ``impl=`` to
   :func:`cycle_key` with the raw key data stored in the state.
   """
-  impl = check_key(key, name)
+  impl = _checks.check_key(key, name)
   if _is_typed(key):
     return key
   # A concrete key even if the optimizer is built inside a trace (it may be
@@ -158,13 +116,7 @@ def key_data(key: KeyLike, impl: ImplLike = None) -> jax.Array:
 def wrap(data: jax.Array, impl: ImplLike = None) -> jax.Array:
   """Raw key data back to a typed key of implementation ``impl``."""
   name = impl_name(impl)
-  if tuple(np.shape(data)) != _key_data_shape(name):
-    raise ValueError(
-        f'Raw key data of shape {tuple(np.shape(data))} does not fit the PRNG '
-        f'implementation {name!r} (key data of shape {_key_data_shape(name)}).'
-        ' Was the state made with another implementation? Build the '
-        'optimizer with a typed key of that implementation, e.g. '
-        "jax.random.key(seed, impl='rbg').")
+  _checks.check_key_data(data, name)
   return jax.random.wrap_key_data(data, impl=name)
 
 
@@ -236,9 +188,7 @@ def cycle_key(key: KeyLike, cycle: jax.typing.ArrayLike,
     >>> jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key)
     True
   """
-  if purpose not in _PURPOSES:
-    raise ValueError(f'`purpose` must be one of {list(_PURPOSES)}, got '
-                     f'{purpose!r}.')
+  _checks.check_choice(purpose, 'purpose', list(_PURPOSES))
   if _is_typed(key):
     root = key
   else:

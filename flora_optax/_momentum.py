@@ -8,13 +8,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from flora_optax import _checks
 from flora_optax import _keys
+from flora_optax import _leaves
 from flora_optax import _projection
-from flora_optax._projection import (DimensionNumbersSpec, Projection,
-                                     RankFn, Side, Transfer)
+from flora_optax._projector import Projector
+from flora_optax._types import (TRANSFERS, DimensionNumbersSpec, KeyLike,
+                                Projection, RankFn, Side, Transfer)
 
 
 class TransferStabilityWarning(UserWarning):
@@ -45,41 +47,6 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-_INT32_MAX = 2**31 - 1
-
-
-def check_decay(decay: Any, name: str = 'decay') -> None:
-  if isinstance(decay, bool) or not isinstance(
-      decay, (int, float, np.number, jax.Array, np.ndarray)):
-    raise TypeError(f'`{name}` must be a float in [0, 1), got {decay!r}.')
-  if np.ndim(decay) != 0:
-    raise ValueError(f'`{name}` must be a scalar in [0, 1), got shape '
-                     f'{np.shape(decay)}.')
-  if _is_concrete(decay):
-    if not 0.0 <= float(decay) < 1.0:
-      raise ValueError(f'`{name}` must be in [0, 1), got {float(decay)}.')
-
-
-def check_resample_every(value: Any, name: str = 'resample_every') -> None:
-  if value is None:
-    return
-  if isinstance(value, bool) or not isinstance(
-      value, (int, np.integer, jax.Array, np.ndarray)):
-    raise TypeError(f'`{name}` must be a positive int or None (never '
-                    f'resample), got {value!r}.')
-  if np.ndim(value) != 0:
-    raise ValueError(f'`{name}` must be a scalar, got shape '
-                     f'{np.shape(value)}.')
-  if isinstance(value, (jax.Array, np.ndarray)):
-    if not jnp.issubdtype(value.dtype, jnp.integer) and _is_concrete(value):
-      if float(value) != int(value):
-        raise TypeError(f'`{name}` must be a positive int, got {value!r}.')
-  if _is_concrete(value) and not 0 < int(value) <= _INT32_MAX:
-    # The step counter is int32 (see the docstring's note on long runs).
-    raise ValueError(f'`{name}` must be a positive int at most 2**31 - 1, or '
-                     f'None (never resample), got {int(value)}.')
-
-
 def _warn_unstable(plans: Any, decay: Any, resample_every: Any,
                    transfer: str) -> None:
   """Warns when ``decay**resample_every * sqrt(d/r) > 1`` for some leaf."""
@@ -89,8 +56,7 @@ def _warn_unstable(plans: Any, decay: Any, resample_every: Any,
     return
   shrink = float(decay)**int(resample_every)
   bad = []
-  for path, plan in jax.tree_util.tree_leaves_with_path(
-      plans, is_leaf=lambda x: isinstance(x, _projection.LeafPlan)):
+  for path, plan in _projection.flatten_plans(plans)[0]:
     if not plan.dense and shrink * math.sqrt(plan.d / plan.rank) > 1.0:
       bad.append(f'{jax.tree_util.keystr(path)} (d/r={plan.d}/{plan.rank})')
   if bad:
@@ -102,7 +68,7 @@ def _warn_unstable(plans: Any, decay: Any, resample_every: Any,
         "transfer='projected' (or 'reset').",
         TransferStabilityWarning,
         # init may run inside flora, optax.chain, jit or nnx.Optimizer.
-        stacklevel=_projection.user_stacklevel())
+        stacklevel=_checks.user_stacklevel())
 
 
 SUBSPACE_SCALES = ('projection', 'unbiased')
@@ -119,8 +85,8 @@ def compressed_momentum(
     decay: float = 0.9,
     resample_every: int | None = 1000,
     nesterov: bool = False,
-    key: Any = 0,
-    accumulator_dtype: Any = jnp.dtype('float32'),
+    key: KeyLike = 0,
+    accumulator_dtype: jax.typing.DTypeLike = jnp.dtype('float32'),
     projection: Projection = 'gaussian',
     side: Side = 'smaller',
     dimension_numbers: DimensionNumbersSpec = None,
@@ -252,8 +218,8 @@ def make_compressed_momentum(
     decay: float = 0.9,
     resample_every: int | None = 1000,
     nesterov: bool = False,
-    key: Any = 0,
-    accumulator_dtype: Any = jnp.dtype('float32'),
+    key: KeyLike = 0,
+    accumulator_dtype: jax.typing.DTypeLike = jnp.dtype('float32'),
     projection: Projection = 'gaussian',
     side: Side = 'smaller',
     dimension_numbers: DimensionNumbersSpec = None,
@@ -269,20 +235,17 @@ def make_compressed_momentum(
   ``'unbiased'`` (``decompress(C)``, about ``d/r`` times larger, with the
   paper's transfer).
   """
-  projector = _projection.Projector(
-      rank, projection=projection, side=side,
-      dimension_numbers=dimension_numbers)
-  check_decay(decay)
-  check_resample_every(resample_every)
-  _projection.check_choice(transfer, 'transfer', _projection.TRANSFERS)
-  _projection.check_choice(subspace_scale, 'subspace_scale', SUBSPACE_SCALES)
+  projector = Projector(rank, projection=projection, side=side,
+                        dimension_numbers=dimension_numbers)
+  _checks.check_decay(decay)
+  _checks.check_resample_every(resample_every)
+  _checks.check_choice(transfer, 'transfer', TRANSFERS)
+  _checks.check_choice(subspace_scale, 'subspace_scale', SUBSPACE_SCALES)
   # The PRNG implementation is fixed here; states keep raw key data.
   typed_key = _keys.typed_key(key)
-  for name, value in (('nesterov', nesterov), ('residual', residual)):
-    if not isinstance(value, bool):
-      raise TypeError(f'`{name}` must be a bool, got {value!r}.')
-  acc_dtype = _projection.check_float_dtype(accumulator_dtype,
-                                            'accumulator_dtype')
+  _checks.check_bool(nesterov, 'nesterov')
+  _checks.check_bool(residual, 'residual')
+  acc_dtype = _checks.check_float_dtype(accumulator_dtype, 'accumulator_dtype')
   # In residual mode with the projection scale the state's momentum is
   # ``Π M`` and a transfer projects it onto the new subspace, a contraction.
   projected_state = residual and subspace_scale == 'projection'
@@ -291,9 +254,7 @@ def make_compressed_momentum(
     plans = projector.plan(params)
     if not projected_state:
       _warn_unstable(plans, decay, resample_every, transfer)
-    mu = jax.tree.map(
-        lambda pl, x: _projection.sketch_zeros(pl, x, acc_dtype), plans, params)
-    mu = _projection.fit_nnx_metadata(params, mu, plans)
+    mu = _leaves.sketch_zeros(projector, params, acc_dtype)
     # Two arrays, not one: a jitted step that donates the state would
     # otherwise donate one buffer twice.
     return CompressedMomentumState(
@@ -330,60 +291,55 @@ def make_compressed_momentum(
       coef = decay * coef
     return g + plan.decompress(coef, rows, sharding)
 
-  def gram_invs(items, ps, needed):
+  def gram_invs(leaves, ps, needed):
     if not needed or projection == 'orthogonal':  # Gram = (d/r) I exactly
-      return [None] * len(items)
-    return _projection.gram_inverses(items, ps, projection)
+      return [None] * len(ps)
+    return leaves.gram_inverses(ps)
+
+  def cycles(state):
+    """The step count, the cycle of this step, and whether it is new."""
+    count = optax.safe_increment(state.count)
+    if resample_every is None:
+      return count, state.cycle, None
+    # A saturated counter (2**31 - 1) no longer advances: the cycle, and with
+    # it the projection, then stays fixed and nothing is transferred.
+    k = jnp.asarray(resample_every, jnp.int32)
+    cycle = jnp.where(count > state.count, (count - 1) // k, state.cycle)
+    return count, cycle, cycle != state.cycle
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    plans = projector.plan(updates)
+    leaves = _leaves.Leaves.of(projector, updates)
     # Trace-time checks: a mismatched tree would broadcast silently.
-    _projection.check_sketches(plans, state.mu, 'momentum state', params)
+    _checks.check_sketches(leaves.unflatten(leaves.plans), state.mu,
+                           'momentum state', params)
     del params
-    count = optax.safe_increment(state.count)
-    if resample_every is None:
-      cycle = state.cycle
-      new_cycle = None
-    else:
-      # A saturated counter (2**31 - 1) no longer advances: the cycle, and
-      # with it the projection, then stays fixed and nothing is transferred.
-      k = jnp.asarray(resample_every, jnp.int32)
-      cycle = jnp.where(count > state.count, (count - 1) // k, state.cycle)
-      new_cycle = cycle != state.cycle
-    new_key = _keys.cycle_key(state.key, cycle, 'momentum', impl=typed_key)
-    old_key = _keys.cycle_key(state.key, state.cycle, 'momentum',
-                              impl=typed_key)
+    count, cycle, new_cycle = cycles(state)
+    cycle_key = lambda c: _keys.cycle_key(  # noqa: E731
+        state.key, c, 'momentum', impl=typed_key)
+    gs = leaves.flatten(updates)
+    ms = [m.astype(dt) for m, dt in zip(leaves.flatten(state.mu),
+                                         leaves.dtypes)]
+    ps = leaves.draw(cycle_key(cycle))
 
-    # Work on flat lists: projections of one shape are drawn (and Gram
-    # matrices inverted) together, which keeps the compiled program small.
-    flat, treedef = _projection.flatten_plans(plans)
-    gs = treedef.flatten_up_to(updates)
-    dts = [jnp.promote_types(g.dtype, jnp.float32) for g in gs]
-    ms = [m.astype(dt) for m, dt in zip(treedef.flatten_up_to(state.mu), dts)]
-    items = [(path, plan, dt) for (path, plan), dt in zip(flat, dts)]
-    shardings = [_projection.explicit_sharding(g) for g in gs]
-    ps = _projection.draw_projections(items, new_key, projection)
-    compressed = any(p is not None for p in ps)
-
-    if new_cycle is not None and compressed:
+    if new_cycle is not None and any(p is not None for p in ps):
 
       def transfer_all(ms):
         # The old projections are only drawn on the first step of a cycle.
-        olds = _projection.draw_projections(items, old_key, projection)
-        invs = gram_invs(items, olds, projected_state and transfer != 'reset')
+        olds = leaves.draw(cycle_key(state.cycle))
+        invs = gram_invs(leaves, olds, projected_state and transfer != 'reset')
         return [
             m if p is None else carry(plan, m, p_old, p, sh, inv)
-            for (_, plan, _), m, p_old, p, sh, inv in zip(
-                items, ms, olds, ps, shardings, invs)
+            for plan, m, p_old, p, sh, inv in zip(
+                leaves.plans, ms, olds, ps, leaves.shardings, invs)
         ]
 
       ms = jax.lax.cond(new_cycle, transfer_all, lambda ms: ms, ms)
 
-    invs = gram_invs(items, ps, residual)
+    invs = gram_invs(leaves, ps, residual)
     outs, new_ms = [], []
-    for (_, plan, dt), g, m, p, sh, inv in zip(items, gs, ms, ps, shardings,
-                                               invs):
+    for plan, dt, g, m, p, sh, inv in zip(leaves.plans, leaves.dtypes, gs, ms,
+                                          ps, leaves.shardings, invs):
       g32 = g.astype(dt)
       if p is None:  # dense: an exact EMA
         new_m = (1 - decay) * g32 + decay * m
@@ -394,7 +350,7 @@ def make_compressed_momentum(
         out = output(plan, g32, s, new_m, p, sh, inv)
       outs.append(out.astype(g.dtype))
       new_ms.append(new_m.astype(acc_dtype))
-    return treedef.unflatten(outs), CompressedMomentumState(
-        count=count, cycle=cycle, key=state.key, mu=treedef.unflatten(new_ms))
+    return leaves.unflatten(outs), CompressedMomentumState(
+        count=count, cycle=cycle, key=state.key, mu=leaves.unflatten(new_ms))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

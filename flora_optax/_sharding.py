@@ -34,9 +34,120 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from flora_optax import _checks
+
 __all__ = ['state_shardings']
+
+
+# --- shardings of sketches and projections (Explicit-axes meshes) -------------
+# ``sharding`` below is a leaf's own sharding on an Explicit mesh (see
+# ``explicit_sharding``), or None (unsharded, or Auto axes left to XLA, which
+# then propagates shardings itself). A sketch keeps the mesh axes of the axes
+# that are not compressed and replicates the rank axis; ``P`` is drawn
+# replicated (so its values never depend on the mesh) and then sliced like the
+# leaf's compressed and batch axes, which costs no communication. ``plan``
+# arguments are ``LeafPlan``s.
+
+
+def explicit_sharding(x: Any) -> NamedSharding | None:
+  """The sharding of ``x`` when it is typed on an Explicit-axes mesh.
+
+  Under ``jax.set_mesh`` with ``AxisType.Explicit`` axes the sharding is part
+  of an array's type and every new array must be given its sharding. With Auto
+  axes (plain ``jit`` with ``in_shardings``), or no mesh, this returns None.
+  """
+  try:
+    sharding = jax.typeof(x).sharding
+  except TypeError:  # e.g. a jax.ShapeDtypeStruct
+    sharding = getattr(x, 'sharding', None)
+  if not isinstance(sharding, NamedSharding):
+    return None
+  mesh = sharding.mesh
+  if mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
+    return None
+  return sharding
+
+
+def _padded(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
+  return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def sketch_spec(plan: Any, spec: PartitionSpec) -> PartitionSpec:
+  """The spec of the sketch of a leaf with partition spec ``spec``."""
+  spec = _padded(spec, len(plan.shape))
+  if plan.dense:
+    return PartitionSpec(*spec)
+  first = plan.compress_axes[0]
+  return PartitionSpec(*(None if i == first else spec[i]
+                         for i in range(len(plan.shape))
+                         if i == first or i not in plan.compress_axes))
+
+
+def projection_spec(plan: Any, spec: PartitionSpec) -> PartitionSpec:
+  """The spec of ``P`` (``(*batch, r, *compressed)``) for a leaf's ``spec``."""
+  spec = _padded(spec, len(plan.shape))
+  return PartitionSpec(*(spec[a] for a in plan.batch_axes), None,
+                       *(spec[a] for a in plan.compress_axes))
+
+
+def rr_spec(plan: Any, spec: PartitionSpec) -> PartitionSpec:
+  """The spec of an ``(*batch, r, r)`` matrix for a leaf's ``spec``."""
+  spec = _padded(spec, len(plan.shape))
+  return PartitionSpec(*(spec[a] for a in plan.batch_axes), None, None)
+
+
+def derived(sharding: NamedSharding | None, plan: Any,
+            spec_fn: Callable[[Any, PartitionSpec], PartitionSpec] | None
+           ) -> NamedSharding | None:
+  """``sharding``'s mesh with ``spec_fn(plan, sharding.spec)`` (None: the
+  leaf's own sharding); None without a sharding."""
+  if sharding is None or spec_fn is None:
+    return sharding
+  return NamedSharding(sharding.mesh, spec_fn(plan, sharding.spec))
+
+
+def einsum(subscripts: str, x: jax.Array, y: jax.Array,
+           y_sharding: NamedSharding | None,
+           out_sharding: NamedSharding | None) -> jax.Array:
+  """``jnp.einsum(subscripts, x, y)`` with ``y`` resharded first.
+
+  A sharded contracted axis makes partial products that XLA sums over its
+  mesh axes (an all-reduce of the small result, never a gather of ``x``).
+  """
+  if out_sharding is None:
+    return jnp.einsum(subscripts, x, y)
+  if y_sharding is not None:
+    y = jax.sharding.reshard(y, y_sharding)
+  return jnp.einsum(subscripts, x, y, out_sharding=out_sharding)
+
+
+def zeros(shape: tuple[int, ...], dtype: Any,
+          sharding: NamedSharding | None = None) -> jax.Array:
+  """Zeros, sharded when ``sharding`` is given (else left to XLA).
+
+  On an Explicit-axes mesh ``jnp.zeros(shape)`` alone is replicated, and a
+  state built that way would change its type at the first update.
+  """
+  if sharding is None:
+    return jnp.zeros(shape, dtype)
+  return jnp.zeros(shape, dtype, out_sharding=sharding)
+
+
+def sketch_zeros(plan: Any, like: Any, dtype: Any) -> jax.Array:
+  """Zeros of ``plan``'s sketch shape, sharded like ``like`` if it is typed."""
+  return zeros(plan.sketch_shape, dtype,
+               derived(explicit_sharding(like), plan, sketch_spec))
+
+
+def zeros_of(shape: jax.ShapeDtypeStruct) -> jax.Array:
+  """Zeros of a traced shape, keeping its sharding on an Explicit mesh."""
+  return zeros(shape.shape, shape.dtype, explicit_sharding(shape))
+
+
+# --- state_shardings -------------------------------------------------------------
 
 
 def _is_spec_leaf(x: Any) -> bool:
@@ -45,11 +156,9 @@ def _is_spec_leaf(x: Any) -> bool:
 
 def _init_fn(tx: Any) -> Callable[[Any], Any]:
   init = getattr(tx, 'init', tx)
-  if not callable(init):
-    raise TypeError(
-        '`tx` must be an optax GradientTransformation (anything with an '
-        '`init` method) or an init function params -> state, got '
-        f'{type(tx).__name__}.')
+  _checks.check_callable(
+      init, 'tx', 'an optax GradientTransformation (anything with an `init` '
+      'method) or an init function params -> state')
   return init
 
 
