@@ -209,10 +209,6 @@ def candidates(ranks) -> list[Candidate]:
   return out
 
 
-def has_flora_multisteps() -> bool:
-  return hasattr(flora_optax, 'MultiSteps')
-
-
 _INNER = {
     'adafactor': (lambda: optax.adafactor(LR),
                   lambda s: formula_adafactor(s, False)),
@@ -228,14 +224,13 @@ def multisteps_candidates(ks, rank: int) -> list[Candidate]:
           f'optax.MultiSteps({inner}, k={k})', 'optax.MultiSteps', None,
           lambda mi=make_inner, k=k: optax.MultiSteps(mi(), k),
           lambda s, f=inner_formula: formula_multisteps(s, f(s)), k, inner))
-      if has_flora_multisteps():
-        out.append(Candidate(
-            f'flora.MultiSteps({inner}, k={k}, r={rank})', 'flora.MultiSteps',
-            rank,
-            lambda mi=make_inner, k=k: flora_optax.MultiSteps(
-                mi(), k, rank=rank),
-            lambda s, f=inner_formula: formula_flora_multisteps(s, f(s), rank),
-            k, inner))
+      out.append(Candidate(
+          f'flora.MultiSteps({inner}, k={k}, r={rank})', 'flora.MultiSteps',
+          rank,
+          lambda mi=make_inner, k=k: flora_optax.MultiSteps(
+              mi(), k, rank=rank),
+          lambda s, f=inner_formula: formula_flora_multisteps(s, f(s), rank),
+          k, inner))
   return out
 
 
@@ -580,7 +575,6 @@ def run(quick: bool = False, parts: tuple[str, ...] | None = None,
           'devices': str(jax.devices()[0]), 'baseline': BASELINE,
           'ranks': list(size.ranks), 'mid_rank': mid,
           'galore_gap': GALORE_GAP,
-          'flora_multisteps': has_flora_multisteps(),
           'size': dataclasses.asdict(size) | {'lm': None},
       }
   }

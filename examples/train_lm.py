@@ -137,9 +137,6 @@ def accumulate(tx: optax.GradientTransformation,
     raise ValueError("`accumulator` must be 'flora', 'optax' or None, got "
                      f'{oc.accumulator!r}.')
   if kind == 'flora':
-    if not hasattr(flora_optax, 'MultiSteps'):
-      raise RuntimeError('flora_optax.MultiSteps is not available in this '
-                         'version of flora_optax.')
     return flora_optax.MultiSteps(tx, oc.accumulate, rank=oc.accumulation_rank,
                                   key=oc.seed + 1).gradient_transformation()
   return optax.MultiSteps(tx, oc.accumulate).gradient_transformation()
