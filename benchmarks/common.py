@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), 'results')
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(
@@ -89,6 +90,17 @@ def random_like(shapes: Any, seed: int = 0, scale: float = 0.02) -> Any:
       scale * jax.random.normal(k, s.shape, s.dtype)
       for k, s in zip(keys, leaves)
   ])
+
+
+def galore_with_count(state, count: int):
+  """A galore chain state whose counter is ``count``.
+
+  Its projector refresh (an SVD) is due when the counter is a multiple of
+  ``update_proj_gap`` (0 included): 1 skips it (the steady state between
+  refreshes is what is timed), 0 forces it.
+  """
+  return (state[0]._replace(count=jnp.asarray(count, jnp.int32)),
+          *state[1:])
 
 
 def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,

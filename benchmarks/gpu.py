@@ -197,15 +197,6 @@ def candidates(ranks, *, rbg_rank: int | None = None
   return out
 
 
-def _skip_galore_refresh(state):
-  """GaLore's state with its counter at 1: no projector refresh (SVD) runs.
-
-  Its refresh is due when the counter is a multiple of ``update_proj_gap``
-  (0 included); the steady state between refreshes is what is timed.
-  """
-  return (state[0]._replace(count=jnp.ones([], jnp.int32)), *state[1:])
-
-
 def _hlo_ops(compiled) -> int | None:
   """Instructions of the optimised HLO (a proxy for compile work)."""
   try:
@@ -356,7 +347,7 @@ def update_section(size: Size, budget: Budget, log) -> dict[str, Any]:
       tx = make()
       state = jax.jit(tx.init)(params)
       if family == 'galore':
-        state = _skip_galore_refresh(state)
+        state = common.galore_with_count(state, 1)
       compiled, mem, secs = _compile(
           lambda g, s, p, tx=tx: tx.update(g, s, p), grads, state, params,
           repeats=size.compile_repeats, donate_argnums=1)
@@ -422,7 +413,7 @@ def step_section(size: Size, budget: Budget, log) -> dict[str, Any]:
     params = jax.tree.map(jnp.copy, params0)  # each candidate donates its own
     state = jax.jit(tx.init)(params)
     if family == 'galore':
-      state = _skip_galore_refresh(state)
+      state = common.galore_with_count(state, 1)
     compiled, mem, secs = _compile(
         accumulation.train_step(tx, cfg.n_head), params, state, tokens,
         donate_argnums=(0, 1))

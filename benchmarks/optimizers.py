@@ -264,12 +264,6 @@ def state_bytes(cands, sizes) -> list[dict[str, Any]]:
 # --- 2-3. compiled update: memory, compile time, time -------------------------
 
 
-def _galore_with_count(state, count: int):
-  """A galore chain state whose counter is ``count`` (0 forces a refresh)."""
-  return (state[0]._replace(count=jnp.asarray(count, jnp.int32)),
-          *state[1:])
-
-
 class _Threaded:
   """One jitted step applied again and again to its own (donated) state."""
 
@@ -305,7 +299,7 @@ def update_figures(cands, size: str, *, timed: bool, repeats: int,
     else:
       state = jax.eval_shape(tx.init, params)
     if timed and c.family == 'galore':  # count 0 would refresh (an SVD)
-      state = _galore_with_count(state, 1)
+      state = common.galore_with_count(state, 1)
     compiled, mem, secs = common.compile_timed(
         lambda g, s, p, tx=tx: tx.update(g, s, p), grads, state, params,
         donate_argnums=1)
@@ -499,7 +493,7 @@ def _sweep_shape(shape, ranks, repeats) -> list[dict[str, Any]]:
   for key, tx in cands.items():
     state = jax.jit(tx.init)(params)
     if key[0] == 'galore':
-      state = _galore_with_count(state, 1)
+      state = common.galore_with_count(state, 1)
     compiled, mem, _ = common.compile_timed(_update_fn(tx), grads, state,
                                             params, donate_argnums=1)
     mems[key] = mem
@@ -510,7 +504,7 @@ def _sweep_shape(shape, ranks, repeats) -> list[dict[str, Any]]:
   refresh_s = None
   for key, th in thunks.items():
     if key[0] == 'galore' and refresh_s is None:
-      th.state = _galore_with_count(th.state, 0)
+      th.state = common.galore_with_count(th.state, 0)
       t0 = time.perf_counter()
       th()
       refresh_s = time.perf_counter() - t0
