@@ -103,6 +103,20 @@ def galore_with_count(state, count: int):
           *state[1:])
 
 
+class ThreadedUpdate:
+  """A compiled ``tx.update(grads, state, params)`` applied again and again
+  to its own (donated) state: the steady state of a training loop, as a
+  thunk for :func:`interleaved_samples`."""
+
+  def __init__(self, compiled, grads, state, params):
+    self.compiled, self.grads, self.state, self.params = (compiled, grads,
+                                                          state, params)
+
+  def __call__(self):
+    out, self.state = self.compiled(self.grads, self.state, self.params)
+    jax.block_until_ready((out, self.state))
+
+
 def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,
                       warmup: int = 1) -> dict[str, float]:
   """Median wall time (seconds) of each thunk, run round-robin.

@@ -233,18 +233,6 @@ def _interleave(thunks: dict[str, Callable[[], Any]], repeats: int,
   return samples
 
 
-class _Update:
-  """``tx.update`` applied again and again to its own donated state."""
-
-  def __init__(self, compiled, grads, state, params):
-    self.compiled, self.grads, self.state, self.params = (compiled, grads,
-                                                          state, params)
-
-  def __call__(self):
-    out, self.state = self.compiled(self.grads, self.state, self.params)
-    jax.block_until_ready((out, self.state))
-
-
 class _Step:
   """A train step applied again and again to its own donated params/state."""
 
@@ -363,7 +351,7 @@ def update_section(size: Size, budget: Budget, log) -> dict[str, Any]:
                  'state_mib': common.mib(common.tree_bytes(state)),
                  'compile_s': secs, 'hlo_ops': _hlo_ops(compiled), **mem,
                  'peak_mib': common.mib(mem['peak_bytes'])})
-    thunks[name] = _Update(compiled, grads, state, params)
+    thunks[name] = common.ThreadedUpdate(compiled, grads, state, params)
     log(f'  {name}: compiled in {secs:.1f} s, peak '
         f'{common.mib(mem["peak_bytes"]):.0f} MiB')
   samples = _interleave(thunks, size.repeats, budget)

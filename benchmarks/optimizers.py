@@ -264,18 +264,6 @@ def state_bytes(cands, sizes) -> list[dict[str, Any]]:
 # --- 2-3. compiled update: memory, compile time, time -------------------------
 
 
-class _Threaded:
-  """One jitted step applied again and again to its own (donated) state."""
-
-  def __init__(self, compiled, state, args_before, args_after=()):
-    self.compiled, self.state = compiled, state
-    self.before, self.after = args_before, args_after
-
-  def __call__(self):
-    out, self.state = self.compiled(*self.before, self.state, *self.after)
-    jax.block_until_ready((out, self.state))
-
-
 def _update_fn(tx):
   return lambda g, s, p: tx.update(g, s, p)
 
@@ -307,7 +295,7 @@ def update_figures(cands, size: str, *, timed: bool, repeats: int,
                  'family': c.family, 'rank': c.rank, 'k': c.k,
                  'compile_s': secs, **mem})
     if timed:
-      thunks[c.name] = _Threaded(compiled, state, (grads,), (params,))
+      thunks[c.name] = common.ThreadedUpdate(compiled, grads, state, params)
   if not timed:
     return rows
   bar = tqdm(total=repeats, desc=f'{desc}: time', leave=False)
@@ -354,7 +342,7 @@ def multisteps_figures(ms_cands, size: str, *, repeats: int,
   base_state = jax.jit(base_tx.init)(params)
   base_c, _, _ = common.compile_timed(_update_fn(base_tx), grads, base_state,
                                       params, donate_argnums=1)
-  thunks = {BASELINE: _Threaded(base_c, base_state, (grads,), (params,))}
+  thunks = {BASELINE: common.ThreadedUpdate(base_c, grads, base_state, params)}
   rows, ks = {}, {}
   for c in tqdm([c for c in ms_cands if c.k == k0], desc=f'{desc}: compile',
                 leave=False):
@@ -364,7 +352,7 @@ def multisteps_figures(ms_cands, size: str, *, repeats: int,
                                                params, donate_argnums=1)
     key = (c.family, c.inner)
     rows[key] = {'compile_s': secs, **mem}
-    thunks[key] = _Threaded(compiled, state, (grads,), (params,))
+    thunks[key] = common.ThreadedUpdate(compiled, grads, state, params)
   calls = {key: {'micro': [], 'final': []} for key in rows}
   n_calls = max(repeats * k0, 2 * k0)
   # Interleaved: one call of each wrapper per round.
@@ -497,7 +485,7 @@ def _sweep_shape(shape, ranks, repeats) -> list[dict[str, Any]]:
     compiled, mem, _ = common.compile_timed(_update_fn(tx), grads, state,
                                             params, donate_argnums=1)
     mems[key] = mem
-    thunks[key] = _Threaded(compiled, state, (grads,), (params,))
+    thunks[key] = common.ThreadedUpdate(compiled, grads, state, params)
   med = common.interleaved_times(thunks, repeats=repeats, warmup=1)
   # The refresh (a thin SVD of the whole matrix, then a slice to the rank)
   # costs the same at every rank: it is timed once per shape.
