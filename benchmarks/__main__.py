@@ -2,15 +2,14 @@
 
 Runs the optimizer comparison (:mod:`benchmarks.optimizers`), writes its
 JSON, markdown, plots and README section (:mod:`benchmarks.report`), then the
-gradient-accumulation benchmark (:mod:`benchmarks.accumulation`) when it is
-present. ``--quick`` is the tiny smoke-test size (seconds, no meaningful
-figures) and writes into ``results/quick/`` unless ``--out`` says otherwise.
+gradient-accumulation benchmark (:mod:`benchmarks.accumulation`). ``--quick``
+is the tiny smoke-test size (seconds, no meaningful figures) and writes into
+``results/quick/`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -61,11 +60,8 @@ def main(argv=None) -> list[str]:
       print(f'[{"met" if t["met"] else "MISSED"}] {t["target"]}: '
             f'{t["figures"]}')
   if 'accumulation' in parts:
-    if importlib.util.find_spec('benchmarks.accumulation') is None:
-      print('benchmarks/accumulation.py is not present: skipped.')
-    else:
-      from benchmarks import accumulation
-      accumulation.main(['--quick'] if args.quick else [])
+    from benchmarks import accumulation
+    accumulation.main(['--quick'] if args.quick else [])
   print(f'done in {time.perf_counter() - t0:.0f} s; wrote:', *paths, sep='\n  ')
   return paths
 

@@ -34,14 +34,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import flora_optax
 from benchmarks import common
+import gpt  # examples/gpt.py (benchmarks.common put examples/ on the path)
 
 
-# --- a GPT in GPT-2's parameter layout -------------------------------------
+# --- the GPT of examples/gpt.py, in GPT-2's parameter layout ---------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,44 +71,14 @@ def gpt_shapes(cfg: GPTConfig) -> dict[str, Any]:
 
 
 def init_params(shapes: Any, seed: int = 0) -> Any:
-  params = common.random_like(shapes, seed)
-  # LayerNorm scales start at one.
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.ones_like(x) if 'scale' in jax.tree_util.keystr(p)
-      else x, params)
-
-
-def _layer_norm(x, p):
-  mu = x.mean(-1, keepdims=True)
-  var = ((x - mu)**2).mean(-1, keepdims=True)
-  return (x - mu) * jax.lax.rsqrt(var + 1e-5) * p['scale'] + p['bias']
+  """N(0, 0.02) weights and biases, LayerNorm scales at one."""
+  return gpt.gpt2_init(shapes, seed, random_biases=True)
 
 
 def gpt_loss(params: Any, tokens: jax.Array, n_head: int) -> jax.Array:
-  """Next-token cross-entropy of a pre-LayerNorm GPT (tied embeddings)."""
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  t = inputs.shape[1]
-  x = params['wte'][inputs] + params['wpe'][:t]
-  mask = jnp.tril(jnp.ones((t, t), bool))
-  for i in range(len(params['h'])):
-    blk = params['h'][str(i)]
-    h = _layer_norm(x, blk['ln_1'])
-    qkv = h @ blk['attn']['c_attn']['kernel'] + blk['attn']['c_attn']['bias']
-    q, k, v = jnp.split(qkv, 3, axis=-1)
-    heads = lambda z: z.reshape(*z.shape[:2], n_head, -1)
-    q, k, v = heads(q), heads(k), heads(v)
-    att = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
-    att = jax.nn.softmax(jnp.where(mask, att, -1e9), axis=-1)
-    o = jnp.einsum('bhqk,bkhd->bqhd', att, v).reshape(x.shape)
-    x = x + o @ blk['attn']['c_proj']['kernel'] + blk['attn']['c_proj']['bias']
-    h = _layer_norm(x, blk['ln_2'])
-    mlp = blk['mlp']
-    h = jax.nn.gelu(h @ mlp['c_fc']['kernel'] + mlp['c_fc']['bias'])
-    x = x + h @ mlp['c_proj']['kernel'] + mlp['c_proj']['bias']
-  x = _layer_norm(x, params['ln_f'])
-  logits = x @ params['wte'].T
-  return optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                         targets).mean()
+  """Next-token cross-entropy of a pre-LayerNorm GPT (tied embeddings), its
+  blocks unrolled."""
+  return gpt.gpt2_loss(params, tokens, n_head, scan_layers=False)
 
 
 # --- the candidates --------------------------------------------------------

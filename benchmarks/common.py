@@ -1,21 +1,39 @@
 """Shared pieces of the benchmarks: model shapes, byte counts, compiled memory
 and interleaved timing. Every figure is measured against a baseline in the
-same process (these machines are noisy)."""
+same process (these machines are noisy).
+
+The model, the text and the memory measurements are the examples' own
+(``examples/gpt.py``, ``examples/data.py``, ``examples/memory.py``): the
+examples run as plain scripts with only ``examples/`` on their path, so that
+is where the one copy lives, and this module puts ``examples/`` on the
+benchmarks' path (:data:`EXAMPLES_DIR`) and re-exports what they use.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), 'results')
+EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'examples')
+if EXAMPLES_DIR not in sys.path:
+  sys.path.insert(0, EXAMPLES_DIR)
+
+# Re-exported for the benchmarks (one definition each, in examples/).
+# pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+from gpt import gpt2_layout
+from memory import (compiled_memory, memory_figures, mib,  # noqa: F401
+                    state_bytes, tree_bytes)
+# pylint: enable=g-import-not-at-top,wrong-import-position,unused-import
 
 # XLA:CPU in jaxlib 0.10 can hang for good running some programs that hold
 # LAPACK calls (the r×r inverse of residual flora, a QR) and fused dots inside
@@ -64,25 +82,6 @@ def gpt2_shapes(size: str = 'small') -> dict[str, Any]:
   return gpt2_layout(*cfg)
 
 
-def gpt2_layout(n_layer: int, d: int, vocab: int, n_pos: int) -> dict[str, Any]:
-  """GPT-2-layout parameter shapes (float32) for any size."""
-  f = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-  block = {
-      'ln_1': {'scale': f(d), 'bias': f(d)},
-      'attn': {'c_attn': {'kernel': f(d, 3 * d), 'bias': f(3 * d)},
-               'c_proj': {'kernel': f(d, d), 'bias': f(d)}},
-      'ln_2': {'scale': f(d), 'bias': f(d)},
-      'mlp': {'c_fc': {'kernel': f(d, 4 * d), 'bias': f(4 * d)},
-              'c_proj': {'kernel': f(4 * d, d), 'bias': f(d)}},
-  }
-  return {
-      'wte': f(vocab, d),
-      'wpe': f(n_pos, d),
-      'h': {str(i): block for i in range(n_layer)},
-      'ln_f': {'scale': f(d), 'bias': f(d)},
-  }
-
-
 def random_like(shapes: Any, seed: int = 0, scale: float = 0.02) -> Any:
   """Random arrays with the given shapes (values do not matter for memory)."""
   leaves, treedef = jax.tree.flatten(shapes)
@@ -93,31 +92,29 @@ def random_like(shapes: Any, seed: int = 0, scale: float = 0.02) -> Any:
   ])
 
 
-def tree_bytes(tree: Any) -> int:
-  """Bytes of all array leaves (typed keys count their key data)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    if hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype,
-                                                      jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-    if hasattr(x, 'shape') and hasattr(x, 'dtype'):
-      total += int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-  return total
+def galore_with_count(state, count: int):
+  """A galore chain state whose counter is ``count``.
 
-
-def state_bytes(tx, params_shapes: Any) -> int:
-  """Optimizer-state bytes, from shapes only (nothing is allocated)."""
-  return tree_bytes(jax.eval_shape(tx.init, params_shapes))
-
-
-def compiled_memory(fn: Callable, *args, **jit_kwargs) -> dict[str, int]:
-  """Compiled memory figures of ``jax.jit(fn)(*args)`` (args may be shapes).
-
-  Returns:
-    argument, output, temp, alias and generated-code bytes and ``peak``
-    (arguments + outputs + temporaries - aliased).
+  Its projector refresh (an SVD) is due when the counter is a multiple of
+  ``update_proj_gap`` (0 included): 1 skips it (the steady state between
+  refreshes is what is timed), 0 forces it.
   """
-  return memory_figures(jax.jit(fn, **jit_kwargs).lower(*args).compile())
+  return (state[0]._replace(count=jnp.asarray(count, jnp.int32)),
+          *state[1:])
+
+
+class ThreadedUpdate:
+  """A compiled ``tx.update(grads, state, params)`` applied again and again
+  to its own (donated) state: the steady state of a training loop, as a
+  thunk for :func:`interleaved_samples`."""
+
+  def __init__(self, compiled, grads, state, params):
+    self.compiled, self.grads, self.state, self.params = (compiled, grads,
+                                                          state, params)
+
+  def __call__(self):
+    out, self.state = self.compiled(self.grads, self.state, self.params)
+    jax.block_until_ready((out, self.state))
 
 
 def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,
@@ -129,10 +126,6 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,
   """
   samples = interleaved_samples(fns, repeats, warmup)
   return {name: statistics.median(ts) for name, ts in samples.items()}
-
-
-def mib(n: float) -> float:
-  return n / 2**20
 
 
 def write_results(name: str, payload: Any, markdown: str) -> tuple[str, str]:
@@ -153,20 +146,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
            '|' + '|'.join('---' for _ in header) + '|']
   lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in rows]
   return '\n'.join(lines) + '\n'
-
-
-def memory_figures(compiled) -> dict[str, int]:
-  """``compiled_memory``'s figures, from an already compiled function."""
-  m = compiled.memory_analysis()
-  out = {
-      'argument_bytes': int(m.argument_size_in_bytes),
-      'output_bytes': int(m.output_size_in_bytes),
-      'temp_bytes': int(m.temp_size_in_bytes),
-      'alias_bytes': int(m.alias_size_in_bytes),
-  }
-  out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes'] +
-                       out['temp_bytes'] - out['alias_bytes'])
-  return out
 
 
 def compile_timed(fn: Callable, *args, **jit_kwargs):

@@ -197,15 +197,6 @@ def candidates(ranks, *, rbg_rank: int | None = None
   return out
 
 
-def _skip_galore_refresh(state):
-  """GaLore's state with its counter at 1: no projector refresh (SVD) runs.
-
-  Its refresh is due when the counter is a multiple of ``update_proj_gap``
-  (0 included); the steady state between refreshes is what is timed.
-  """
-  return (state[0]._replace(count=jnp.ones([], jnp.int32)), *state[1:])
-
-
 def _hlo_ops(compiled) -> int | None:
   """Instructions of the optimised HLO (a proxy for compile work)."""
   try:
@@ -240,18 +231,6 @@ def _interleave(thunks: dict[str, Callable[[], Any]], repeats: int,
       samples[name].append(time.perf_counter() - t)
     round_s = time.perf_counter() - t_round
   return samples
-
-
-class _Update:
-  """``tx.update`` applied again and again to its own donated state."""
-
-  def __init__(self, compiled, grads, state, params):
-    self.compiled, self.grads, self.state, self.params = (compiled, grads,
-                                                          state, params)
-
-  def __call__(self):
-    out, self.state = self.compiled(self.grads, self.state, self.params)
-    jax.block_until_ready((out, self.state))
 
 
 class _Step:
@@ -356,7 +335,7 @@ def update_section(size: Size, budget: Budget, log) -> dict[str, Any]:
       tx = make()
       state = jax.jit(tx.init)(params)
       if family == 'galore':
-        state = _skip_galore_refresh(state)
+        state = common.galore_with_count(state, 1)
       compiled, mem, secs = _compile(
           lambda g, s, p, tx=tx: tx.update(g, s, p), grads, state, params,
           repeats=size.compile_repeats, donate_argnums=1)
@@ -372,7 +351,7 @@ def update_section(size: Size, budget: Budget, log) -> dict[str, Any]:
                  'state_mib': common.mib(common.tree_bytes(state)),
                  'compile_s': secs, 'hlo_ops': _hlo_ops(compiled), **mem,
                  'peak_mib': common.mib(mem['peak_bytes'])})
-    thunks[name] = _Update(compiled, grads, state, params)
+    thunks[name] = common.ThreadedUpdate(compiled, grads, state, params)
     log(f'  {name}: compiled in {secs:.1f} s, peak '
         f'{common.mib(mem["peak_bytes"]):.0f} MiB')
   samples = _interleave(thunks, size.repeats, budget)
@@ -422,7 +401,7 @@ def step_section(size: Size, budget: Budget, log) -> dict[str, Any]:
     params = jax.tree.map(jnp.copy, params0)  # each candidate donates its own
     state = jax.jit(tx.init)(params)
     if family == 'galore':
-      state = _skip_galore_refresh(state)
+      state = common.galore_with_count(state, 1)
     compiled, mem, secs = _compile(
         accumulation.train_step(tx, cfg.n_head), params, state, tokens,
         donate_argnums=(0, 1))

@@ -209,10 +209,6 @@ def candidates(ranks) -> list[Candidate]:
   return out
 
 
-def has_flora_multisteps() -> bool:
-  return hasattr(flora_optax, 'MultiSteps')
-
-
 _INNER = {
     'adafactor': (lambda: optax.adafactor(LR),
                   lambda s: formula_adafactor(s, False)),
@@ -228,14 +224,13 @@ def multisteps_candidates(ks, rank: int) -> list[Candidate]:
           f'optax.MultiSteps({inner}, k={k})', 'optax.MultiSteps', None,
           lambda mi=make_inner, k=k: optax.MultiSteps(mi(), k),
           lambda s, f=inner_formula: formula_multisteps(s, f(s)), k, inner))
-      if has_flora_multisteps():
-        out.append(Candidate(
-            f'flora.MultiSteps({inner}, k={k}, r={rank})', 'flora.MultiSteps',
-            rank,
-            lambda mi=make_inner, k=k: flora_optax.MultiSteps(
-                mi(), k, rank=rank),
-            lambda s, f=inner_formula: formula_flora_multisteps(s, f(s), rank),
-            k, inner))
+      out.append(Candidate(
+          f'flora.MultiSteps({inner}, k={k}, r={rank})', 'flora.MultiSteps',
+          rank,
+          lambda mi=make_inner, k=k: flora_optax.MultiSteps(
+              mi(), k, rank=rank),
+          lambda s, f=inner_formula: formula_flora_multisteps(s, f(s), rank),
+          k, inner))
   return out
 
 
@@ -269,24 +264,6 @@ def state_bytes(cands, sizes) -> list[dict[str, Any]]:
 # --- 2-3. compiled update: memory, compile time, time -------------------------
 
 
-def _galore_with_count(state, count: int):
-  """A galore chain state whose counter is ``count`` (0 forces a refresh)."""
-  return (state[0]._replace(count=jnp.asarray(count, jnp.int32)),
-          *state[1:])
-
-
-class _Threaded:
-  """One jitted step applied again and again to its own (donated) state."""
-
-  def __init__(self, compiled, state, args_before, args_after=()):
-    self.compiled, self.state = compiled, state
-    self.before, self.after = args_before, args_after
-
-  def __call__(self):
-    out, self.state = self.compiled(*self.before, self.state, *self.after)
-    jax.block_until_ready((out, self.state))
-
-
 def _update_fn(tx):
   return lambda g, s, p: tx.update(g, s, p)
 
@@ -310,7 +287,7 @@ def update_figures(cands, size: str, *, timed: bool, repeats: int,
     else:
       state = jax.eval_shape(tx.init, params)
     if timed and c.family == 'galore':  # count 0 would refresh (an SVD)
-      state = _galore_with_count(state, 1)
+      state = common.galore_with_count(state, 1)
     compiled, mem, secs = common.compile_timed(
         lambda g, s, p, tx=tx: tx.update(g, s, p), grads, state, params,
         donate_argnums=1)
@@ -318,7 +295,7 @@ def update_figures(cands, size: str, *, timed: bool, repeats: int,
                  'family': c.family, 'rank': c.rank, 'k': c.k,
                  'compile_s': secs, **mem})
     if timed:
-      thunks[c.name] = _Threaded(compiled, state, (grads,), (params,))
+      thunks[c.name] = common.ThreadedUpdate(compiled, grads, state, params)
   if not timed:
     return rows
   bar = tqdm(total=repeats, desc=f'{desc}: time', leave=False)
@@ -365,7 +342,7 @@ def multisteps_figures(ms_cands, size: str, *, repeats: int,
   base_state = jax.jit(base_tx.init)(params)
   base_c, _, _ = common.compile_timed(_update_fn(base_tx), grads, base_state,
                                       params, donate_argnums=1)
-  thunks = {BASELINE: _Threaded(base_c, base_state, (grads,), (params,))}
+  thunks = {BASELINE: common.ThreadedUpdate(base_c, grads, base_state, params)}
   rows, ks = {}, {}
   for c in tqdm([c for c in ms_cands if c.k == k0], desc=f'{desc}: compile',
                 leave=False):
@@ -375,7 +352,7 @@ def multisteps_figures(ms_cands, size: str, *, repeats: int,
                                                params, donate_argnums=1)
     key = (c.family, c.inner)
     rows[key] = {'compile_s': secs, **mem}
-    thunks[key] = _Threaded(compiled, state, (grads,), (params,))
+    thunks[key] = common.ThreadedUpdate(compiled, grads, state, params)
   calls = {key: {'micro': [], 'final': []} for key in rows}
   n_calls = max(repeats * k0, 2 * k0)
   # Interleaved: one call of each wrapper per round.
@@ -504,18 +481,18 @@ def _sweep_shape(shape, ranks, repeats) -> list[dict[str, Any]]:
   for key, tx in cands.items():
     state = jax.jit(tx.init)(params)
     if key[0] == 'galore':
-      state = _galore_with_count(state, 1)
+      state = common.galore_with_count(state, 1)
     compiled, mem, _ = common.compile_timed(_update_fn(tx), grads, state,
                                             params, donate_argnums=1)
     mems[key] = mem
-    thunks[key] = _Threaded(compiled, state, (grads,), (params,))
+    thunks[key] = common.ThreadedUpdate(compiled, grads, state, params)
   med = common.interleaved_times(thunks, repeats=repeats, warmup=1)
   # The refresh (a thin SVD of the whole matrix, then a slice to the rank)
   # costs the same at every rank: it is timed once per shape.
   refresh_s = None
   for key, th in thunks.items():
     if key[0] == 'galore' and refresh_s is None:
-      th.state = _galore_with_count(th.state, 0)
+      th.state = common.galore_with_count(th.state, 0)
       t0 = time.perf_counter()
       th()
       refresh_s = time.perf_counter() - t0
@@ -580,7 +557,6 @@ def run(quick: bool = False, parts: tuple[str, ...] | None = None,
           'devices': str(jax.devices()[0]), 'baseline': BASELINE,
           'ranks': list(size.ranks), 'mid_rank': mid,
           'galore_gap': GALORE_GAP,
-          'flora_multisteps': has_flora_multisteps(),
           'size': dataclasses.asdict(size) | {'lm': None},
       }
   }

@@ -42,7 +42,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -59,13 +58,11 @@ from benchmarks import common
 
 common.avoid_xla_cpu_hang()
 
-_EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'examples')
-if _EXAMPLES not in sys.path:
-  sys.path.insert(0, _EXAMPLES)
+# examples/ is on the path: benchmarks.common put it there.
 import data as data_lib
-import train_lm
-from train_lm import flora_optax
+import model as model_lib
+from gpt import stack_trees
+import flora_optax
 from flora_optax import _alias
 from flora_optax import _momentum
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -146,14 +143,14 @@ def _warmup_cosine(steps: int) -> optax.Schedule:
 
 def lm_task(quick: bool, *, steps: int = 300, batch: int = 16,
             seq_len: int = 32, layers: int = 1, lr: float = 0.0025) -> Task:
-  """A byte-level GPT (``examples/train_lm.py``) on text shipped with Python."""
+  """A byte-level GPT (``examples/model.py``) on text shipped with Python."""
   if quick:
-    mc = train_lm.ModelConfig(seq_len=16, d_model=32, num_layers=1,
-                              num_heads=2)
+    mc = model_lib.ModelConfig(seq_len=16, d_model=32, num_layers=1,
+                               num_heads=2)
     steps, batch, eval_batches = 12, 4, 2
   else:
-    mc = train_lm.ModelConfig(seq_len=seq_len, d_model=128,
-                              num_layers=layers, num_heads=4)
+    mc = model_lib.ModelConfig(seq_len=seq_len, d_model=128,
+                               num_layers=layers, num_heads=4)
     eval_batches = 16
   corpus = data_lib.load_corpus('all')
   evals = jnp.asarray(np.stack(corpus.eval_batches(16, mc.seq_len,
@@ -162,11 +159,11 @@ def lm_task(quick: bool, *, steps: int = 300, batch: int = 16,
     cfg = dataclasses.replace(mc, lora_rank=lora_rank)
     # The graph and variable layout, to rebuild the model from its dicts;
     # `rest` holds the frozen variables (LoRA's base kernels).
-    graphdef, _, (param_state, _) = train_lm.init_model(cfg, 0)
-    loss = train_lm.make_loss_fn_with_rest(graphdef, param_state)
+    graphdef, _, (param_state, _) = model_lib.init_model(cfg, 0)
+    loss = model_lib.make_loss_fn_with_rest(graphdef, param_state)
 
     def init(seed):
-      _, params, (_, rest) = train_lm.init_model(cfg, seed)
+      _, params, (_, rest) = model_lib.init_model(cfg, seed)
       return params, rest
 
     def evaluate(params, rest):
@@ -203,7 +200,7 @@ def _layer(params, frozen, name, x):
 
 def _init_layers(seed: int, shapes: dict[str, tuple[int, int]],
                  lora_rank: int | None, bias: bool) -> tuple[Params, Params]:
-  """``train_lm.Linear``'s init: ``N(0, 1/din)`` kernels, LoRA ``A, 0``."""
+  """``model.Linear``'s init: ``N(0, 1/din)`` kernels, LoRA ``A, 0``."""
   params, frozen = {}, {}
   for i, (name, (din, dout)) in enumerate(sorted(shapes.items())):
     key = jax.random.fold_in(jax.random.key(seed), i)
@@ -529,10 +526,6 @@ def is_default(v: Variant, defaults: dict[str, Any] | None) -> bool:
 # ----------------------------------------------------------------------------
 
 
-def _stack(trees: Sequence[Any]) -> Any:
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 def train(task: Task, v: Variant, rank: int | None, lrs: Sequence[float],
           seeds: Sequence[int], resample_every: int) -> dict[str, Any]:
   """Trains ``v`` at every learning rate and seed; returns the final losses.
@@ -556,10 +549,10 @@ def train(task: Task, v: Variant, rank: int | None, lrs: Sequence[float],
     states = {s: v.make(schedule, rank, s, resample_every).init(inits[s][0])
               for s in seeds}
   notes = sorted({f'{w.category.__name__}: {w.message}' for w in caught})
-  params = _stack([inits[s][0] for _, s in models])
-  frozen = _stack([inits[s][1] for _, s in models])
-  opt_state = _stack([states[s] for _, s in models])
-  stream = _stack([streams[s] for _, s in models])
+  params = stack_trees([inits[s][0] for _, s in models])
+  frozen = stack_trees([inits[s][1] for _, s in models])
+  opt_state = stack_trees([states[s] for _, s in models])
+  stream = stack_trees([streams[s] for _, s in models])
   peak = jnp.asarray([lr for lr, _ in models], jnp.float32)
 
   def one_model(params, frozen, opt_state, peak, stream):

@@ -323,9 +323,6 @@ def _full_markdown(res, ts) -> str:
               'One compiled update per wrapper; `k` only changes how often the '
               'final step (the inner optimizer) runs: per call = '
               '((k−1)·micro + final)/k.\n', _ms_table(res)]
-  if not meta['flora_multisteps']:
-    parts.append('\n`flora_optax.MultiSteps` was not available in this run: '
-                 'only `optax.MultiSteps` is reported.\n')
   if 'step' in res:
     parts += ['\n## Full train step (GPT-2 shapes, compiled only)\n',
               _step_table(res['step'], False)]

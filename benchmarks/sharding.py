@@ -108,15 +108,7 @@ def measure(name, tx, shapes, param_sh):
             out_shardings=(param_sh, state_sh), donate_argnums=(1,))
   lowered = jax.jit(update, **kw).lower(shapes, state_shapes, shapes)
   compiled = lowered.compile()
-  m = compiled.memory_analysis()
-  mem = {
-      'argument_bytes': int(m.argument_size_in_bytes),
-      'output_bytes': int(m.output_size_in_bytes),
-      'temp_bytes': int(m.temp_size_in_bytes),
-      'alias_bytes': int(m.alias_size_in_bytes),
-  }
-  mem['peak_bytes'] = (mem['argument_bytes'] + mem['output_bytes'] +
-                       mem['temp_bytes'] - mem['alias_bytes'])
+  mem = common.memory_figures(compiled)
   return {
       'name': name,
       'state_bytes_total': common.tree_bytes(state_shapes),

@@ -17,6 +17,12 @@ Example::
     corpus = load_corpus('topics')
     batches = corpus.batches('train', batch_size=16, seq_len=128, seed=0)
     x = next(batches)  # uint8 array (16, 129): inputs x[:, :-1], targets x[:, 1:]
+
+The benchmarks' small LM reads the standard library's sources as one raw
+byte stream instead (:func:`stdlib_bytes`, no split, no separators), through
+the same :func:`windows`. This module is the one text loader of the examples
+and the benchmarks (which put ``examples/`` on their path in
+``benchmarks/common.py``).
 """
 
 from __future__ import annotations
@@ -39,14 +45,22 @@ def _topics() -> dict[str, str]:
   return {f'topics/{k}': v for k, v in sorted(topics.topics.items())}
 
 
-def _stdlib(max_bytes: int | None) -> dict[str, str]:
+def _stdlib_files() -> list[tuple[str, str]]:
+  """``(name, path)`` of the standard library's top-level ``.py`` modules, in
+  sorted order (the same on every run of one Python version)."""
   root = sysconfig.get_paths()['stdlib']
-  docs = {}
-  total = 0
+  out = []
   for name in sorted(os.listdir(root)):
     path = os.path.join(root, name)
-    if not name.endswith('.py') or not os.path.isfile(path):
-      continue
+    if name.endswith('.py') and os.path.isfile(path):
+      out.append((name, path))
+  return out
+
+
+def _stdlib(max_bytes: int | None) -> dict[str, str]:
+  docs = {}
+  total = 0
+  for name, path in _stdlib_files():
     with open(path, encoding='utf-8', errors='replace') as f:
       text = f.read()
     docs[f'stdlib/{name}'] = text
@@ -54,6 +68,34 @@ def _stdlib(max_bytes: int | None) -> dict[str, str]:
     if max_bytes is not None and total >= max_bytes:
       break
   return docs
+
+
+def stdlib_bytes(max_bytes: int = 4 << 20) -> np.ndarray:
+  """The first ``max_bytes`` bytes of the standard library's sources, as one
+  uint8 stream (files concatenated in sorted order, no separators)."""
+  chunks, total = [], 0
+  for _, path in _stdlib_files():
+    with open(path, 'rb') as f:
+      chunk = f.read()
+    chunks.append(chunk)
+    total += len(chunk)
+    if total >= max_bytes:
+      break
+  return np.frombuffer(b''.join(chunks)[:max_bytes], np.uint8)
+
+
+def windows(tokens: np.ndarray, batch_size: int, seq_len: int,
+            seed: int = 0) -> Iterator[np.ndarray]:
+  """Endless random windows of ``seq_len + 1`` tokens, ``(batch, seq+1)``.
+
+  The window starts come from ``np.random.default_rng(seed)``, so a seed
+  fixes the whole data order. The windows have ``tokens``' dtype.
+  """
+  rng = np.random.default_rng(seed)
+  offsets = np.arange(seq_len + 1)
+  while True:
+    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    yield tokens[starts[:, None] + offsets[None, :]]
 
 
 def is_eval_document(name: str, eval_fraction: float) -> bool:
@@ -97,11 +139,7 @@ class Corpus:
     if len(data) <= seq_len + 1:
       raise ValueError(f'the {split} split has {len(data)} tokens, fewer than '
                        f'`seq_len + 1` = {seq_len + 1}.')
-    rng = np.random.default_rng(seed)
-    offsets = np.arange(seq_len + 1)
-    while True:
-      starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
-      yield data[starts[:, None] + offsets[None, :]]
+    yield from windows(data, batch_size, seq_len, seed)
 
   def eval_batches(self, batch_size: int, seq_len: int,
                    num_batches: int) -> list[np.ndarray]:

@@ -1,7 +1,8 @@
 r"""Train a Flax Linen classifier with Flora, on MNIST-like synthetic data.
 
 The data are 8×8 "images" of 10 classes: a fixed random prototype per class
-plus noise, generated on the fly (nothing is downloaded). The model is a
+plus noise, generated on the fly (nothing is downloaded; ``mnist_like.py``,
+shared with ``nnx_train.py``, with the optimizer and the flags). The model is a
 two-layer MLP in a ``flax.training.train_state.TrainState`` whose ``tx`` is
 ``flora_optax.flora``; ``--accumulate K`` wraps it in
 ``flora_optax.MultiSteps`` (a compressed gradient accumulator).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,10 +30,10 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-import flora_optax
-
-NUM_CLASSES = 10
-SIDE = 8
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from mnist_like import (NUM_CLASSES, SIDE, make_batch, make_optimizer,
+                        make_parser)
 
 
 class MLP(nn.Module):
@@ -44,31 +46,6 @@ class MLP(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.hidden)(x))
     return nn.Dense(NUM_CLASSES)(x)
-
-
-def make_batch(step: int, batch_size: int,
-               noise: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """A batch of synthetic images: class prototype plus Gaussian noise."""
-  prototypes = jax.random.normal(jax.random.key(0),
-                                 (NUM_CLASSES, SIDE, SIDE))
-  k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(1), step))
-  labels = jax.random.randint(k1, (batch_size,), 0, NUM_CLASSES)
-  images = prototypes[labels] + noise * jax.random.normal(
-      k2, (batch_size, SIDE, SIDE))
-  return images, labels
-
-
-def make_optimizer(args: argparse.Namespace) -> optax.GradientTransformation:
-  tx = flora_optax.flora(
-      learning_rate=optax.cosine_decay_schedule(args.learning_rate,
-                                                args.steps),
-      rank=args.rank,
-      resample_every=args.resample_every,
-      key=args.seed)
-  if args.accumulate > 1:
-    tx = flora_optax.MultiSteps(tx, every_k_schedule=args.accumulate,
-                                rank=args.rank, key=args.seed + 1)
-  return tx
 
 
 def create_state(args: argparse.Namespace,
@@ -117,16 +94,7 @@ def save_and_restore(state: train_state.TrainState, directory: str,
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--steps', type=int, default=300,
-                 help='micro-steps (gradient evaluations)')
-  p.add_argument('--batch-size', type=int, default=64)
-  p.add_argument('--hidden', type=int, default=128)
-  p.add_argument('--rank', type=int, default=8)
-  p.add_argument('--resample-every', type=int, default=50)
-  p.add_argument('--learning-rate', type=float, default=1e-2)
-  p.add_argument('--accumulate', type=int, default=1)
-  p.add_argument('--seed', type=int, default=0)
+  p = make_parser(__doc__.split('\n')[0], hidden=128)
   p.add_argument('--checkpoint-dir', default=None)
   return p.parse_args(argv)
 

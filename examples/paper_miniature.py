@@ -5,7 +5,8 @@ Compressors" (ICML 2024) claim that (1) Flora's compressed states perform
 about as well as the uncompressed ones at a fraction of their memory,
 (2) Flora beats LoRA at the same rank, and (3) resampling the projection
 matters. This script checks those claims on a tiny byte-level GPT (see
-``train_lm.py``) trained from scratch on text that ships with Python:
+``model.py`` and ``train_lm.py``) trained from scratch on text that ships
+with Python:
 
 1. **accumulation**: ``flora_optax.MultiSteps`` (rank ``r``) vs
    ``optax.MultiSteps`` vs no accumulation (same number of examples seen, so
@@ -50,9 +51,15 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-import train_lm  # pylint: disable=g-import-not-at-top,wrong-import-position
-from train_lm import ModelConfig, OptConfig, flora_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import data as data_lib
+import model as model_lib
+import train_lm
+from gpt import stack_trees
+from memory import tree_bytes
+from model import ModelConfig
+from train_lm import OptConfig, flora_optax
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Run outputs go to an untracked directory; the reference results in
 # examples/results/paper are regenerated on purpose with
@@ -96,10 +103,6 @@ class Run:
   micro_steps: int
 
 
-def _stack(trees: Sequence[Any]) -> Any:
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 def run_seeds(setting: Setting, run: Run, corpus: data_lib.Corpus,
               log=print) -> dict[str, Any]:
   """Trains ``run`` for every seed at once (vmap) and evaluates it.
@@ -115,7 +118,7 @@ def run_seeds(setting: Setting, run: Run, corpus: data_lib.Corpus,
   tx = None
   for seed in setting.seeds:
     oc = dataclasses.replace(run.opt, seed=seed)
-    graphdef, params, (param_state, rest) = train_lm.init_model(mc, seed)
+    graphdef, params, (param_state, rest) = model_lib.init_model(mc, seed)
     tx_seed = train_lm.make_optimizer(oc)
     with warnings.catch_warnings(record=True) as w:
       warnings.simplefilter('always')
@@ -124,10 +127,11 @@ def run_seeds(setting: Setting, run: Run, corpus: data_lib.Corpus,
     tx = tx or tx_seed
     inits.append(params)
     rests.append(rest)
-  loss_fn = train_lm.make_loss_fn_with_rest(graphdef, param_state)
-  params, opt_state, rest = _stack(inits), _stack(states), _stack(rests)
-  state_bytes = train_lm.tree_bytes(states[0])
-  trained_params = train_lm.tree_bytes(inits[0]) // 4
+  loss_fn = model_lib.make_loss_fn_with_rest(graphdef, param_state)
+  params, opt_state, rest = (stack_trees(inits), stack_trees(states),
+                             stack_trees(rests))
+  state_bytes = tree_bytes(states[0])
+  trained_params = tree_bytes(inits[0]) // 4
 
   def step(params, opt_state, rest, tokens):
     loss, grads = jax.value_and_grad(loss_fn)(params, rest, tokens)

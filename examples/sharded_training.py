@@ -75,6 +75,8 @@ def main(argv=None) -> dict:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
   import flora_optax  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from memory import tree_bytes  # pylint: disable=g-import-not-at-top
 
   n = jax.device_count()
   model = 2 if n % 2 == 0 else 1
@@ -149,8 +151,7 @@ def main(argv=None) -> dict:
   report = {'devices': n, 'mesh': dict(mesh.shape),
             'state_bytes_per_device': state_bytes_per_device(state)}
   adamw_state = jax.eval_shape(optax.adamw(1e-3).init, shapes)
-  report['adamw_state_bytes_per_device'] = sum(
-      x.size * x.dtype.itemsize for x in jax.tree.leaves(adamw_state)) // n
+  report['adamw_state_bytes_per_device'] = tree_bytes(adamw_state) // n
 
   if args.check:  # the first steps again, on one device, unsharded
     ref_params = init_params(k_init)

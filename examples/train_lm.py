@@ -1,7 +1,8 @@
 r"""Train a small GPT-style language model with Flora, on text that ships with Python.
 
-The model is a byte-level GPT (Flax NNX) trained on the Python reference
-manual (``pydoc_data``) and standard-library sources: nothing is downloaded.
+The model is a byte-level GPT (Flax NNX, ``model.py``) trained on the Python
+reference manual (``pydoc_data``) and standard-library sources (``data.py``):
+nothing is downloaded.
 By default it trains ``flora_optax.flora`` and, for comparison, the same
 Adafactor with uncompressed momentum (``optax.adafactor(momentum=0.9)``), then
 prints the eval loss of both and a memory table (optimizer-state bytes and
@@ -27,17 +28,19 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import data as data_lib
+from memory import peak_bytes, tree_bytes
+from model import ModelConfig, init_model, make_loss_fn
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 try:  # run from a checkout without installing the package
   import flora_optax  # pylint: disable=g-import-not-at-top
@@ -53,130 +56,6 @@ OPTIMIZERS = ('flora', 'adafactor', 'adafactor_nomomentum', 'flora_paper',
 DEFAULT_OUT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'runs',
     'train_lm')
-
-# ----------------------------------------------------------------------------
-# The model: a byte-level GPT in Flax NNX, with optional LoRA adapters.
-# ----------------------------------------------------------------------------
-
-
-class Frozen(nnx.Variable):
-  """A weight that is not trained (LoRA's base kernels)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  vocab_size: int = data_lib.VOCAB_SIZE
-  seq_len: int = 128
-  d_model: int = 128
-  num_layers: int = 2
-  num_heads: int = 4
-  mlp_ratio: int = 4
-  lora_rank: int | None = None  # LoRA adapters on every Linear when set
-
-
-class Linear(nnx.Module):
-  """``x @ W + b``; with ``lora_rank``, ``x @ (W + A B) + b`` with W frozen."""
-
-  def __init__(self, din: int, dout: int, lora_rank: int | None,
-               rngs: nnx.Rngs):
-    key = rngs.params()
-    w = jax.random.normal(key, (din, dout)) / np.sqrt(din)
-    self.bias = nnx.Param(jnp.zeros((dout,)))
-    if lora_rank is None:
-      self.kernel = nnx.Param(w)
-      self.lora_a = self.lora_b = None
-    else:
-      # LoRA: the random init is kept frozen; only the rank-r product trains.
-      self.kernel = Frozen(w)
-      # From the kernel's key, so a LoRA model's base weights are exactly
-      # those of the model without adapters (same seed).
-      self.lora_a = nnx.Param(jax.random.normal(
-          jax.random.fold_in(key, 1), (din, lora_rank)) / np.sqrt(din))
-      self.lora_b = nnx.Param(jnp.zeros((lora_rank, dout)))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = x @ self.kernel[...]
-    if self.lora_a is not None:
-      y = y + (x @ self.lora_a[...]) @ self.lora_b[...]
-    return y + self.bias[...]
-
-
-class Block(nnx.Module):
-
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d = cfg.d_model
-    self.num_heads = cfg.num_heads
-    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
-    self.qkv = Linear(d, 3 * d, cfg.lora_rank, rngs)
-    self.proj = Linear(d, d, cfg.lora_rank, rngs)
-    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
-    self.fc = Linear(d, cfg.mlp_ratio * d, cfg.lora_rank, rngs)
-    self.fc_out = Linear(cfg.mlp_ratio * d, d, cfg.lora_rank, rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, t, d = x.shape
-    h = self.num_heads
-    q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
-    q, k, v = (a.reshape(b, t, h, d // h) for a in (q, k, v))
-    att = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(d // h)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    att = jax.nn.softmax(jnp.where(causal, att, -1e9), axis=-1)
-    y = jnp.einsum('bhqk,bkhd->bqhd', att, v).reshape(b, t, d)
-    x = x + self.proj(y)
-    return x + self.fc_out(jax.nn.gelu(self.fc(self.ln2(x))))
-
-
-class GPT(nnx.Module):
-  """A byte-level GPT: token + position embeddings, pre-LN blocks, tied head."""
-
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
-                           embedding_init=nnx.initializers.normal(0.02))
-    self.pos = nnx.Param(
-        0.02 * jax.random.normal(rngs.params(), (cfg.seq_len, cfg.d_model)))
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-    self.ln_f = nnx.LayerNorm(cfg.d_model, rngs=rngs)
-
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = self.embed(tokens) + self.pos[...][:tokens.shape[1]]
-    for block in self.blocks:
-      x = block(x)
-    return self.embed.attend(self.ln_f(x))
-
-
-def init_model(cfg: ModelConfig, seed: int):
-  """Returns ``(graphdef, params, template)``.
-
-  ``params`` (the trained ``nnx.Param``s) is a plain nested dict, which every
-  optimizer handles; ``template`` is ``(param_state, rest)``, the
-  ``nnx.State``s :func:`make_loss_fn` rebuilds the model from (``rest`` holds
-  the other variables, e.g. LoRA's frozen kernels).
-  """
-  model = GPT(cfg, nnx.Rngs(seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return graphdef, nnx.to_pure_dict(params), (params, rest)
-
-
-def make_loss_fn_with_rest(graphdef, param_state) -> Callable[..., jax.Array]:
-  """``loss(params, rest, tokens)``: mean next-byte cross-entropy."""
-
-  def loss_fn(params, rest, tokens):
-    state = jax.tree.map(lambda x: x, param_state)  # a fresh copy
-    nnx.replace_by_pure_dict(state, params)
-    model = nnx.merge(graphdef, state, rest)
-    logits = model(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), tokens[:, 1:].astype(jnp.int32)).mean()
-
-  return loss_fn
-
-
-def make_loss_fn(graphdef, template) -> Callable[..., jax.Array]:
-  """``loss(params, tokens)`` with the non-trained variables of ``template``."""
-  param_state, rest = template
-  loss_fn = make_loss_fn_with_rest(graphdef, param_state)
-  return lambda params, tokens: loss_fn(params, rest, tokens)
-
 
 # ----------------------------------------------------------------------------
 # Optimizers.
@@ -258,37 +137,9 @@ def accumulate(tx: optax.GradientTransformation,
     raise ValueError("`accumulator` must be 'flora', 'optax' or None, got "
                      f'{oc.accumulator!r}.')
   if kind == 'flora':
-    if not hasattr(flora_optax, 'MultiSteps'):
-      raise RuntimeError('flora_optax.MultiSteps is not available in this '
-                         'version of flora_optax.')
     return flora_optax.MultiSteps(tx, oc.accumulate, rank=oc.accumulation_rank,
                                   key=oc.seed + 1).gradient_transformation()
   return optax.MultiSteps(tx, oc.accumulate).gradient_transformation()
-
-
-# ----------------------------------------------------------------------------
-# Memory figures.
-# ----------------------------------------------------------------------------
-
-
-def tree_bytes(tree: Any) -> int:
-  return sum(
-      int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-      for x in jax.tree.leaves(tree)
-      if hasattr(x, 'shape') and hasattr(x, 'dtype'))
-
-
-def compiled_peak_bytes(fn: Callable, *args) -> int:
-  """Arguments + outputs + temporaries - aliased, of the compiled ``fn``."""
-  return _peak(jax.jit(fn).lower(*args).compile())
-
-
-def _peak(compiled) -> int:
-  m = compiled.memory_analysis()
-  if m is None:  # some backends report nothing
-    return -1
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes +
-             m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
 def mib(n: float) -> str:
@@ -356,7 +207,7 @@ def train(mc: ModelConfig, oc: OptConfig, corpus: data_lib.Corpus, *,
   tokens_shape = jax.ShapeDtypeStruct((batch_size, mc.seq_len + 1), jnp.uint8)
   step_compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
       params, opt_state, tokens_shape).compile()
-  peak = _peak(step_compiled)
+  peak = peak_bytes(step_compiled)
   update_peak = -1
   if measure_peak:
     # The optimizer update alone (grads in, new params out): the part of the
@@ -364,7 +215,8 @@ def train(mc: ModelConfig, oc: OptConfig, corpus: data_lib.Corpus, *,
     def apply(params, opt_state, grads):
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
-    update_peak = compiled_peak_bytes(apply, params, opt_state, params)
+    update_peak = peak_bytes(
+        jax.jit(apply).lower(params, opt_state, params).compile())
   state_bytes = tree_bytes(opt_state)
   param_bytes = tree_bytes(params)
 
