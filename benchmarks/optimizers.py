@@ -343,7 +343,7 @@ def multisteps_figures(ms_cands, size: str, *, repeats: int,
   base_c, _, _ = common.compile_timed(_update_fn(base_tx), grads, base_state,
                                       params, donate_argnums=1)
   thunks = {BASELINE: common.ThreadedUpdate(base_c, grads, base_state, params)}
-  rows, ks = {}, {}
+  rows = {}
   for c in tqdm([c for c in ms_cands if c.k == k0], desc=f'{desc}: compile',
                 leave=False):
     tx = c.make()

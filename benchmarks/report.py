@@ -343,7 +343,6 @@ def _full_markdown(res, ts) -> str:
 
 def _readme_section(res, ts) -> str:
   meta = res['meta']
-  mid = meta['mid_rank']
   lines = [
       '## Benchmarks\n',
       f'`python -m benchmarks` (`--quick` for a smoke run; these figures took '
