@@ -148,12 +148,3 @@ def test_converges_on_a_least_squares_problem():
   run = jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), length=400)[0])
   final, _ = run(params)
   assert loss(final) < 0.1 * loss(params)
-
-
-def test_rejects_bad_arguments():
-  with pytest.raises(ValueError, match='rank'):
-    flora_optax.flora(1e-3, 0)
-  with pytest.raises(ValueError, match='momentum'):
-    flora_optax.flora(1e-3, 8, momentum=1.5)
-  with pytest.raises(ValueError, match='resample_every'):
-    flora_optax.flora(1e-3, 8, resample_every=-1)

@@ -223,32 +223,3 @@ def test_works_with_masked_and_extra_args():
                    unknown_extra_arg=3)
   assert u['w'].shape == (16, 32)
   chex.assert_trees_all_equal(u['b'], jnp.ones((32,)))
-
-
-@pytest.mark.parametrize('kwargs,exc,match', [
-    (dict(rank=0), ValueError, 'rank'),
-    (dict(rank=1.5), TypeError, 'rank'),
-    (dict(rank=4, decay=1.0), ValueError, 'decay'),
-    (dict(rank=4, decay=-0.1), ValueError, 'decay'),
-    (dict(rank=4, decay='0.9'), TypeError, 'decay'),
-    (dict(rank=4, resample_every=0), ValueError, 'resample_every'),
-    (dict(rank=4, resample_every=2.5), TypeError, 'resample_every'),
-    (dict(rank=4, projection='normal'), ValueError, 'projection'),
-    (dict(rank=4, side='both'), ValueError, 'side'),
-    (dict(rank=4, transfer='magic'), ValueError, 'transfer'),
-    (dict(rank=4, key='seed'), TypeError, 'key'),
-    (dict(rank=4, accumulator_dtype=jnp.int32), TypeError,
-     'accumulator_dtype'),
-    (dict(rank=4, nesterov=1), TypeError, 'nesterov'),
-])
-def test_bad_arguments_fail_at_construction(kwargs, exc, match):
-  with pytest.raises(exc, match=match):
-    compressed_momentum(**kwargs)
-
-
-def test_bad_leaves_fail_at_init():
-  tx = compressed_momentum(4)
-  with pytest.raises(TypeError, match=r"\['n'\].*int32"):
-    tx.init({'n': jnp.zeros((8, 8), jnp.int32)})
-  with pytest.raises(ValueError, match=r"\['w'\].*rank <= 8"):
-    compressed_momentum(lambda p, x: 16).init({'w': jnp.zeros((8, 32))})

@@ -204,15 +204,6 @@ def test_unbiased_subspace_scale_is_the_paper_output_plus_the_residual():
                              rtol=1e-4, atol=1e-4)
 
 
-def test_bad_internal_choices_fail_at_construction():
-  with pytest.raises(ValueError, match='subspace_scale'):
-    _momentum.make_compressed_momentum(4, subspace_scale='big')
-  with pytest.raises(ValueError, match='momentum_position'):
-    flora_optax._alias.make_flora(1e-2, 4, momentum_position='end')
-  with pytest.raises(TypeError, match='residual'):
-    compressed_momentum(4, residual='yes')
-
-
 # --- resample_every changed at run time (issue: momentum silently wrong) -----
 
 

@@ -380,28 +380,6 @@ def test_state_shardings_place_a_jitted_init():
   assert {sh.data.shape for sh in mu.addressable_shards} == {(RANK, 32)}
 
 
-def test_state_shardings_bad_input():
-  mesh = _mesh((4, 2), ('data', 'model'))
-  tx = _optimizers()['momentum']
-  shapes = _sds(_params(0))
-  with pytest.raises(ValueError, match='param_shardings'):
-    flora_optax.state_shardings(tx, shapes, {'w': NamedSharding(mesh, P())})
-  with pytest.raises(ValueError, match='mesh='):
-    flora_optax.state_shardings(tx, shapes, P())
-  with pytest.raises(TypeError, match='NamedSharding'):
-    flora_optax.state_shardings(
-        tx, shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  with pytest.raises(ValueError, match='own sharding'):
-    flora_optax.state_shardings(tx, shapes)
-  with pytest.raises(TypeError, match='`tx`'):
-    flora_optax.state_shardings(3, shapes, P(), mesh=mesh)
-  other = _mesh((8, 1), ('data', 'model'))
-  mixed = {n: NamedSharding(mesh if n == 'w' else other, P())
-           for n in shapes}
-  with pytest.raises(ValueError, match='one mesh'):
-    flora_optax.state_shardings(tx, shapes, mixed)
-
-
 # --- 6. The example script -------------------------------------------------
 
 
