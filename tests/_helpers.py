@@ -109,7 +109,9 @@ def linen_mlp_class():
 
     @nn.compact
     def __call__(self, x):
-      return nn.Dense(4)(nn.relu(nn.Dense(16)(x)))
+      # Built in call order: Dense_0 is the first layer.
+      x = nn.relu(nn.Dense(16)(x))
+      return nn.Dense(4)(x)
 
   return MLP
 

@@ -16,15 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import full_rank, random_tree
 
 import flora_optax
 from flora_optax import _keys
-
-
-def full_rank(path, leaf):
-  """Forces ``r == d`` (side='smaller' compresses the smaller matrix axis)."""
-  del path
-  return min(leaf.shape[-2:])
 
 
 def exact_multisteps(opt, every_k_schedule, **kwargs):
@@ -39,12 +34,6 @@ class Loss(flax.linen.Module):
   def __call__(self, x, dtype=jnp.float32, param_dtype=jnp.float32):
     return jnp.sum(
         flax.linen.Dense(10, dtype=dtype, param_dtype=param_dtype)(x)**2)
-
-
-def random_tree(seed, shapes, dtype=jnp.float32):
-  keys = jax.random.split(jax.random.key(seed), len(shapes))
-  return {name: jax.random.normal(k, s, dtype)
-          for k, (name, s) in zip(keys, shapes.items())}
 
 
 SHAPES = {'w': (12, 20), 'v': (9, 5), 'b': (20,), 's': ()}

@@ -1,5 +1,6 @@
 """flora: the Adafactor chain with compressed momentum."""
 
+import _helpers
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,14 +9,12 @@ import pytest
 
 import flora_optax
 
-DENSE = lambda path, x: None  # compression off for every leaf
+DENSE = _helpers.keep_dense  # compression off for every leaf
 
 
 def _params():
-  k = jax.random.split(jax.random.key(0), 3)
-  return {'w': jax.random.normal(k[0], (160, 130)),
-          'u': jax.random.normal(k[1], (24, 40)),
-          'b': jax.random.normal(k[2], (130,))}
+  return _helpers.random_tree(0, {'w': (160, 130), 'u': (24, 40),
+                                  'b': (130,)})
 
 
 def _grads(params, t):

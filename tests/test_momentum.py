@@ -2,6 +2,7 @@
 
 import warnings
 
+import _helpers
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,6 @@ import pytest
 
 import flora_optax
 from flora_optax import Projector, compressed_momentum
-
-FULL = lambda path, x: min(x.shape[-2:])  # r == d on every matrix
 
 
 def _params():
@@ -25,17 +24,14 @@ def _params():
 
 
 def _grads(params, step):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(100 + step), len(leaves))
-  return jax.tree.unflatten(
-      treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  return _helpers.random_like(100 + step, params)
 
 
 @pytest.mark.parametrize('residual', [False, True])
 @pytest.mark.parametrize('nesterov', [False, True])
 def test_full_rank_orthogonal_equals_dense_ema(nesterov, residual):
   params = _params()
-  tx = compressed_momentum(FULL, decay=0.8, resample_every=3,
+  tx = compressed_momentum(_helpers.full_rank, decay=0.8, resample_every=3,
                            projection='orthogonal', nesterov=nesterov,
                            residual=residual)
   ema = optax.ema(0.8, debias=False)

@@ -8,6 +8,7 @@ numbers, the keys or the leaf paths makes it fail.
 
 import functools
 
+import _helpers
 import chex
 import jax
 import jax.numpy as jnp
@@ -23,24 +24,19 @@ pytestmark = pytest.mark.filterwarnings(
 
 # Small, but every kind of leaf: factored and compressed matrix, a batch of
 # matrices, a vector, a scalar.
+SHAPES = {'w': (12, 8), 'e': (2, 6, 10), 'b': (8,), 's': ()}
 KW = dict(rank=3, resample_every=2, min_dim_size_to_factor=4)
 STATIC = ('rank', 'min_dim_size_to_factor')
 
 
 def _params():
-  k = jax.random.split(jax.random.key(0), 4)
-  return {
-      'w': jax.random.normal(k[0], (12, 8)),
-      'e': jax.random.normal(k[1], (2, 6, 10)),
-      'b': jax.random.normal(k[2], (8,)),
-      's': jax.random.normal(k[3], ()),
-  }
+  return _helpers.random_tree(0, SHAPES)
 
 
 def _grads(step):
-  k = jax.random.split(jax.random.fold_in(jax.random.key(1), step), 4)
-  p = _params()
-  return {n: jax.random.normal(kk, p[n].shape) for kk, n in zip(k, sorted(p))}
+  # Keys in sorted order of the names.
+  return _helpers.random_tree(jax.random.fold_in(jax.random.key(1), step),
+                              dict(sorted(SHAPES.items())))
 
 
 def _run(tx, steps, update=None):

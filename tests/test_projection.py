@@ -1,5 +1,6 @@
 """Projector: unbiasedness, exact paths, transfer, shapes and the matrix view."""
 
+import _helpers
 import chex
 import jax
 import jax.numpy as jnp
@@ -49,8 +50,7 @@ def test_gaussian_one_sample_error_is_sqrt_d_plus_1_over_r():
 
 @pytest.mark.parametrize('shape', [(8, 8), (6, 10), (3, 5, 7)])
 def test_orthogonal_full_rank_reconstructs_exactly(shape):
-  full = lambda path, x: min(x.shape[-2:])
-  proj = Projector(full, projection='orthogonal')
+  proj = Projector(_helpers.full_rank, projection='orthogonal')
   g = _rand(shape)
   k = jax.random.key(3)
   out = proj.decompress(proj.compress(g, k), k, like=g)
