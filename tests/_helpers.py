@@ -31,9 +31,9 @@ def full_rank(path, leaf):
 
 
 def keep_dense(path, leaf):
-  """A ``rank`` callable that keeps every leaf dense (compression off)."""
+  """A ``rank`` callable that keeps every leaf dense (compression off): it
+  returns ``None`` for every leaf."""
   del path, leaf
-  return None
 
 
 # --- parameter and gradient trees ---------------------------------------------
