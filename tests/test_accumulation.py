@@ -16,15 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import full_rank, random_tree
 
 import flora_optax
 from flora_optax import _keys
-
-
-def full_rank(path, leaf):
-  """Forces ``r == d`` (side='smaller' compresses the smaller matrix axis)."""
-  del path
-  return min(leaf.shape[-2:])
 
 
 def exact_multisteps(opt, every_k_schedule, **kwargs):
@@ -39,12 +34,6 @@ class Loss(flax.linen.Module):
   def __call__(self, x, dtype=jnp.float32, param_dtype=jnp.float32):
     return jnp.sum(
         flax.linen.Dense(10, dtype=dtype, param_dtype=param_dtype)(x)**2)
-
-
-def random_tree(seed, shapes, dtype=jnp.float32):
-  keys = jax.random.split(jax.random.key(seed), len(shapes))
-  return {name: jax.random.normal(k, s, dtype)
-          for k, (name, s) in zip(keys, shapes.items())}
 
 
 SHAPES = {'w': (12, 20), 'v': (9, 5), 'b': (20,), 's': ()}
@@ -489,70 +478,3 @@ def test_scan_recipe_full_rank_is_exact():
   exact = jax.tree.map(lambda g: g.mean(0), _per_batch_grads(params, batches))
   chex.assert_trees_all_close(grads, exact, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_equal_dtypes(grads, params)
-
-
-# --- argument checks -------------------------------------------------------
-
-
-@pytest.mark.parametrize('kwargs, error, match', [
-    (dict(opt='sgd'), TypeError, '`opt`'),
-    (dict(every_k_schedule=0), ValueError, '`every_k_schedule`'),
-    (dict(every_k_schedule=2.5), TypeError, '`every_k_schedule`'),
-    (dict(every_k_schedule=True), TypeError, '`every_k_schedule`'),
-    (dict(rank=0), ValueError, '`rank`'),
-    (dict(rank=2.0), TypeError, '`rank`'),
-    (dict(use_grad_mean='yes'), TypeError, '`use_grad_mean`'),
-    (dict(should_skip_update_fn=3), TypeError, '`should_skip_update_fn`'),
-    (dict(accumulator_dtype=jnp.int32), TypeError, '`accumulator_dtype`'),
-    (dict(projection='svd'), ValueError, '`projection`'),
-    (dict(side='left'), ValueError, '`side`'),
-    (dict(key='a'), TypeError, '`key`'),
-])
-def test_multisteps_rejects_bad_arguments(kwargs, error, match):
-  args = dict(opt=optax.sgd(0.1), every_k_schedule=2, rank=4)
-  args.update(kwargs)
-  with pytest.raises(error, match=match):
-    flora_optax.MultiSteps(args.pop('opt'), args.pop('every_k_schedule'),
-                           **args)
-
-
-def test_skip_fn_must_return_a_bool_scalar():
-  tx = flora_optax.MultiSteps(
-      optax.sgd(0.1), 2, rank=2,
-      should_skip_update_fn=lambda u, s, p: (jnp.zeros(3), ()))
-  params = {'w': jnp.zeros((4, 4))}
-  with pytest.raises(ValueError, match='boolean scalar'):
-    tx.update(params, tx.init(params), params)
-
-
-def test_recipe_rejects_bad_arguments():
-  params = {'w': jnp.zeros((4, 4))}
-  grad_fn = lambda p, b: p
-  proj = flora_optax.Projector(2)
-  with pytest.raises(TypeError, match='`projector`'):
-    flora_optax.accumulate_gradients(grad_fn, params, jnp.ones((2, 3)),
-                                     projector=2, step=0)
-  with pytest.raises(ValueError, match='`micro_batches`'):
-    flora_optax.accumulate_gradients(
-        grad_fn, params, {'x': jnp.ones((2, 3)), 'y': jnp.ones((3, 3))},
-        projector=proj, step=0)
-  with pytest.raises(ValueError, match='`micro_batches`'):
-    flora_optax.accumulate_gradients(grad_fn, params, jnp.ones(()),
-                                     projector=proj, step=0)
-  with pytest.raises(TypeError, match='`grad_fn`'):
-    flora_optax.accumulate_gradients(None, params, jnp.ones((2, 3)),
-                                     projector=proj, step=0)
-
-
-def test_update_tree_must_match_init():
-  tx = flora_optax.MultiSteps(optax.sgd(0.1), 2, rank=4)
-  p = {'w': jnp.zeros((16, 32)), 'b': jnp.zeros((32,))}
-  s = tx.init(p)
-  with pytest.raises(ValueError, match=r"leaves missing: \['b'\]"):
-    tx.update({'w': p['w']}, s)
-  with pytest.raises(ValueError, match=r"\['b'\].*\(31,\)"):
-    tx.update({'w': p['w'], 'b': jnp.zeros((31,))}, s)
-  # A change of the compressed axis alone is caught through params.
-  bad = {'w': jnp.zeros((16, 33)), 'b': p['b']}
-  with pytest.raises(ValueError, match=r"\['w'\]"):
-    tx.update(bad, s, bad)

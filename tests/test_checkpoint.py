@@ -9,8 +9,8 @@ data, counters and sketches are everything the projections depend on.
 
 import functools
 
+import _helpers
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,13 +30,6 @@ pytestmark = pytest.mark.filterwarnings(
 STOP, TOTAL = 5, 10
 
 
-class MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(4)(nn.relu(nn.Dense(16)(x)))
-
-
 @functools.cache
 def _tx(kind):
   # One optimizer object per kind: TrainState keeps tx as static aux data, so
@@ -48,7 +41,7 @@ def _tx(kind):
   return flora_optax.MultiSteps(base, every_k_schedule=2, rank=3, key=9)
 
 
-_MODEL = MLP()
+_MODEL = _helpers.linen_mlp_class()()
 
 
 def _create(kind, seed=0):
@@ -57,31 +50,20 @@ def _create(kind, seed=0):
                                        tx=_tx(kind))
 
 
-def _batch(step):
-  k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(7), step))
-  return jax.random.normal(k1, (8, 12)), jax.random.normal(k2, (8, 4))
-
-
 @jax.jit
 def _train_step(state, batch):
-  def loss(params):
-    x, y = batch
-    return jnp.mean((state.apply_fn({'params': params}, x) - y)**2)
-
-  return state.apply_gradients(grads=jax.grad(loss)(state.params))
+  grads = jax.grad(_helpers.linen_mse)(state.params, state.apply_fn, batch)
+  return state.apply_gradients(grads=grads)
 
 
 def _train(state, start, stop):
   for t in range(start, stop):
-    state = _train_step(state, _batch(t))
+    state = _train_step(state, _helpers.regression_batch(t))
   return state
 
 
 def _momentum_count(opt_state):
-  is_mom = lambda x: isinstance(x, flora_optax.CompressedMomentumState)
-  (mom,) = [x for x in jax.tree.leaves(opt_state, is_leaf=is_mom)
-            if is_mom(x)]
-  return int(mom.count)
+  return int(_helpers.momentum_state(opt_state).count)
 
 
 def _check_mid_cycle(kind, state):
@@ -149,7 +131,7 @@ def test_a_restored_state_with_another_key_diverges(runs):
   mid, full = runs['flora']
   restored = serialization.from_bytes(_create('flora'),
                                       serialization.to_bytes(mid))
-  is_mom = lambda x: isinstance(x, flora_optax.CompressedMomentumState)
+  is_mom = _helpers.is_momentum_state
   restored = restored.replace(opt_state=jax.tree.map(
       lambda x: x._replace(key=x.key + 1) if is_mom(x) else x,
       restored.opt_state, is_leaf=is_mom))

@@ -15,6 +15,7 @@ Documented behaviour (README, "Guarantees and limits"):
   it was, and the run continues exactly as if the step had never happened.
 """
 
+import _helpers
 import chex
 import jax
 import jax.numpy as jnp
@@ -24,11 +25,7 @@ import pytest
 
 import flora_optax
 
-
-def _grads(t, shapes):
-  rng = np.random.default_rng(t)
-  return {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
-          for k, s in shapes.items()}
+_grads = _helpers.numpy_tree  # (seed, shapes): float32 N(0, 1)
 
 
 def _nonfinite(x):

@@ -4,8 +4,8 @@
 with no extra args; the results must equal a hand-written optax loop exactly.
 """
 
+import _helpers
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -18,22 +18,8 @@ pytestmark = pytest.mark.filterwarnings(
     'ignore::flora_optax.TransferStabilityWarning')
 
 
-class MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(16)(x))
-    return nn.Dense(4)(x)
-
-
-def _data(step):
-  k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(7), step))
-  return jax.random.normal(k1, (8, 12)), jax.random.normal(k2, (8, 4))
-
-
-def _loss(params, apply_fn, batch):
-  x, y = batch
-  return jnp.mean((apply_fn({'params': params}, x) - y)**2)
+_data = _helpers.regression_batch
+_loss = _helpers.linen_mse
 
 
 def _tx(kind):
@@ -46,7 +32,7 @@ def _tx(kind):
 
 @pytest.mark.parametrize('kind', ['flora', 'multisteps'])
 def test_train_state_matches_a_plain_optax_loop(kind):
-  model = MLP()
+  model = _helpers.linen_mlp_class()()
   params = model.init(jax.random.key(0), jnp.zeros((1, 12)))['params']
   tx = _tx(kind)
   state = train_state.TrainState.create(apply_fn=model.apply, params=params,

@@ -10,6 +10,7 @@ along the rank axis.
 
 import functools
 
+import _helpers
 import chex
 import jax
 import jax.numpy as jnp
@@ -57,8 +58,7 @@ def _tx(kind):
 
 
 def _batch(step):
-  k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(7), step))
-  return jax.random.normal(k1, (8, 8)), jax.random.normal(k2, (8, 4))
+  return _helpers.regression_batch(step, in_features=8)
 
 
 def _loss(model, x, y):

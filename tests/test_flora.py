@@ -1,5 +1,6 @@
 """flora: the Adafactor chain with compressed momentum."""
 
+import _helpers
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,14 +9,12 @@ import pytest
 
 import flora_optax
 
-DENSE = lambda path, x: None  # compression off for every leaf
+DENSE = _helpers.keep_dense  # compression off for every leaf
 
 
 def _params():
-  k = jax.random.split(jax.random.key(0), 3)
-  return {'w': jax.random.normal(k[0], (160, 130)),
-          'u': jax.random.normal(k[1], (24, 40)),
-          'b': jax.random.normal(k[2], (130,))}
+  return _helpers.random_tree(0, {'w': (160, 130), 'u': (24, 40),
+                                  'b': (130,)})
 
 
 def _grads(params, t):
@@ -148,12 +147,3 @@ def test_converges_on_a_least_squares_problem():
   run = jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), length=400)[0])
   final, _ = run(params)
   assert loss(final) < 0.1 * loss(params)
-
-
-def test_rejects_bad_arguments():
-  with pytest.raises(ValueError, match='rank'):
-    flora_optax.flora(1e-3, 0)
-  with pytest.raises(ValueError, match='momentum'):
-    flora_optax.flora(1e-3, 8, momentum=1.5)
-  with pytest.raises(ValueError, match='resample_every'):
-    flora_optax.flora(1e-3, 8, resample_every=-1)

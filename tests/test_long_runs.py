@@ -8,6 +8,7 @@ fix, a saturated counter with ``(2**31 - 2) % resample_every == 0`` re-ran the
 transfer ``P_{c-1} → P_c`` at every step on a sketch already in ``P_c``).
 """
 
+import _helpers
 import chex
 import jax
 import jax.numpy as jnp
@@ -22,9 +23,7 @@ RANK = 2
 
 
 def _tree(seed):
-  rng = np.random.default_rng(seed)
-  return {'w': jnp.asarray(rng.standard_normal((6, 10)), jnp.float32),
-          'b': jnp.asarray(rng.standard_normal((10,)), jnp.float32)}
+  return _helpers.numpy_tree(seed, {'w': (6, 10), 'b': (10,)})
 
 
 def _reference_momentum(key, kappa, count, mu, grads_seq, decay):
@@ -162,9 +161,7 @@ def test_hundred_thousand_updates_stay_finite_and_converge(name):
   chex.assert_tree_all_finite((params, state))
   # 1000 resamples (and transfers) later, the loss is at the optimum.
   assert float(loss(params)) < 1e-8 * losses[0]
-  is_mom = lambda x: isinstance(x, flora_optax.CompressedMomentumState)
-  (momentum,) = [x for x in jax.tree.leaves(state, is_leaf=is_mom)
-                 if is_mom(x)]
+  momentum = _helpers.momentum_state(state)
   assert int(momentum.cycle) == (N_STEPS - 1) // 100
   counts = [x for x in jax.tree.leaves(state)
             if x.dtype == jnp.int32 and x is not momentum.cycle]

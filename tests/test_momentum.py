@@ -2,6 +2,7 @@
 
 import warnings
 
+import _helpers
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,6 @@ import pytest
 
 import flora_optax
 from flora_optax import Projector, compressed_momentum
-
-FULL = lambda path, x: min(x.shape[-2:])  # r == d on every matrix
 
 
 def _params():
@@ -25,17 +24,14 @@ def _params():
 
 
 def _grads(params, step):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(100 + step), len(leaves))
-  return jax.tree.unflatten(
-      treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  return _helpers.random_like(100 + step, params)
 
 
 @pytest.mark.parametrize('residual', [False, True])
 @pytest.mark.parametrize('nesterov', [False, True])
 def test_full_rank_orthogonal_equals_dense_ema(nesterov, residual):
   params = _params()
-  tx = compressed_momentum(FULL, decay=0.8, resample_every=3,
+  tx = compressed_momentum(_helpers.full_rank, decay=0.8, resample_every=3,
                            projection='orthogonal', nesterov=nesterov,
                            residual=residual)
   ema = optax.ema(0.8, debias=False)
@@ -223,32 +219,3 @@ def test_works_with_masked_and_extra_args():
                    unknown_extra_arg=3)
   assert u['w'].shape == (16, 32)
   chex.assert_trees_all_equal(u['b'], jnp.ones((32,)))
-
-
-@pytest.mark.parametrize('kwargs,exc,match', [
-    (dict(rank=0), ValueError, 'rank'),
-    (dict(rank=1.5), TypeError, 'rank'),
-    (dict(rank=4, decay=1.0), ValueError, 'decay'),
-    (dict(rank=4, decay=-0.1), ValueError, 'decay'),
-    (dict(rank=4, decay='0.9'), TypeError, 'decay'),
-    (dict(rank=4, resample_every=0), ValueError, 'resample_every'),
-    (dict(rank=4, resample_every=2.5), TypeError, 'resample_every'),
-    (dict(rank=4, projection='normal'), ValueError, 'projection'),
-    (dict(rank=4, side='both'), ValueError, 'side'),
-    (dict(rank=4, transfer='magic'), ValueError, 'transfer'),
-    (dict(rank=4, key='seed'), TypeError, 'key'),
-    (dict(rank=4, accumulator_dtype=jnp.int32), TypeError,
-     'accumulator_dtype'),
-    (dict(rank=4, nesterov=1), TypeError, 'nesterov'),
-])
-def test_bad_arguments_fail_at_construction(kwargs, exc, match):
-  with pytest.raises(exc, match=match):
-    compressed_momentum(**kwargs)
-
-
-def test_bad_leaves_fail_at_init():
-  tx = compressed_momentum(4)
-  with pytest.raises(TypeError, match=r"\['n'\].*int32"):
-    tx.init({'n': jnp.zeros((8, 8), jnp.int32)})
-  with pytest.raises(ValueError, match=r"\['w'\].*rank <= 8"):
-    compressed_momentum(lambda p, x: 16).init({'w': jnp.zeros((8, 32))})

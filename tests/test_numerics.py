@@ -11,6 +11,7 @@
 * ``flora``'s Adafactor parts are optax's, bit for bit, at every scale.
 """
 
+import _helpers
 import chex
 import jax
 import jax.numpy as jnp
@@ -24,9 +25,7 @@ SHAPES = {'w': (12, 20), 'b': (20,)}
 
 
 def _grads(seed, dtype=jnp.float32, scale=1.0):
-  rng = np.random.default_rng(seed)
-  return {n: jnp.asarray(scale * rng.standard_normal(s), dtype)
-          for n, s in SHAPES.items()}
+  return _helpers.numpy_tree(seed, SHAPES, dtype, scale)
 
 
 _STEPS = {}
@@ -179,7 +178,7 @@ def test_without_momentum_flora_is_optax_adafactor_bit_for_bit(scale):
 def test_dense_flora_is_optax_parts_in_flora_order(scale):
   params = _params()
   grads = [_grads(t, scale=scale) for t in range(3)]
-  tx = flora_optax.flora(1e-2, lambda path, leaf: None, momentum=0.9,
+  tx = flora_optax.flora(1e-2, _helpers.keep_dense, momentum=0.9,
                          residual=False, **ADAFACTOR)
   ref_tx = optax.chain(
       optax.scale_by_factored_rms(decay_rate=0.8, min_dim_size_to_factor=4),

@@ -5,6 +5,7 @@
 sketch state as the paper's algorithm.
 """
 
+import _helpers
 import chex
 import jax
 import jax.extend
@@ -14,18 +15,14 @@ import optax
 import pytest
 
 import flora_optax
-from flora_optax import Projector, compressed_momentum
-from flora_optax import _momentum
+from flora_optax import Projector, _momentum, compressed_momentum
 
 PROJECTIONS = ['gaussian', 'rademacher', 'orthogonal']
 
 
 def _tree(seed):
-  k = jax.random.split(jax.random.key(seed), 4)
-  return {'w': jax.random.normal(k[0], (12, 20)),
-          'tall': jax.random.normal(k[1], (24, 10)),
-          'stack': jax.random.normal(k[2], (3, 8, 6)),
-          'b': jax.random.normal(k[3], (20,))}
+  return _helpers.random_tree(seed, {'w': (12, 20), 'tall': (24, 10),
+                                     'stack': (3, 8, 6), 'b': (20,)})
 
 
 def _dense_projector(p):
@@ -204,15 +201,6 @@ def test_unbiased_subspace_scale_is_the_paper_output_plus_the_residual():
                              rtol=1e-4, atol=1e-4)
 
 
-def test_bad_internal_choices_fail_at_construction():
-  with pytest.raises(ValueError, match='subspace_scale'):
-    _momentum.make_compressed_momentum(4, subspace_scale='big')
-  with pytest.raises(ValueError, match='momentum_position'):
-    flora_optax._alias.make_flora(1e-2, 4, momentum_position='end')
-  with pytest.raises(TypeError, match='residual'):
-    compressed_momentum(4, residual='yes')
-
-
 # --- resample_every changed at run time (issue: momentum silently wrong) -----
 
 
@@ -222,11 +210,11 @@ def test_changing_resample_every_at_run_time_stays_exact(residual):
   # whatever the cycles, also when kappa changes from 4 to 3 mid-run (the
   # cycle index then jumps; the sketch must be transferred from the
   # projection it is really in).
-  full = lambda path, x: min(x.shape[-2:])
   params = {'w': jnp.zeros((6, 10)), 'b': jnp.zeros((10,))}
   tx = optax.inject_hyperparams(compressed_momentum,
                                 static_args=('rank', 'residual'))(
-                                    full, decay=0.8, resample_every=4,
+                                    _helpers.full_rank, decay=0.8,
+                                    resample_every=4,
                                     projection='orthogonal', residual=residual)
   ema = optax.ema(0.8, debias=False)
   s, se = tx.init(params), ema.init(params)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import re
 
+import _helpers
 import chex
 import jax
 import jax.numpy as jnp
@@ -49,9 +50,8 @@ def _mesh(shape, names, explicit=False, devices=None):
 
 
 def _params(seed=0, shapes=SHAPES, dtype=jnp.float32):
-  keys = jax.random.split(jax.random.key(seed), len(shapes))
-  return {n: jax.random.normal(k, s, dtype)
-          for k, (n, s) in zip(keys, sorted(shapes.items()))}
+  # Keys in sorted order of the names.
+  return _helpers.random_tree(seed, dict(sorted(shapes.items())), dtype)
 
 
 def _optimizers():
@@ -77,10 +77,6 @@ def _reference(name):
   """The single-device (unsharded) run, computed once per optimizer."""
   return _run(_optimizers()[name], _params(0),
               [_params(s) for s in _GRAD_SEEDS])
-
-
-def _sds(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _run(tx, params, grads_seq, param_sh=None, mesh=None):
@@ -321,7 +317,7 @@ def test_explicit_mesh_state_types_stable(name, dtype):
 @pytest.mark.parametrize('name', ['flora', 'momentum'])
 def test_init_on_shape_dtype_structs(name):
   tx = _optimizers()[name]
-  shapes = _sds(_params(0))
+  shapes = _helpers.shape_structs(_params(0))
   state = tx.init(shapes)  # would fail if init read any value
   ref = tx.init(_params(0))
   chex.assert_trees_all_equal_shapes_and_dtypes(state, ref)
@@ -368,7 +364,7 @@ def test_state_shardings_place_a_jitted_init():
   _, _, specs = LAYOUTS['tp_4x2']
   param_sh = {n: NamedSharding(mesh, s) for n, s in specs.items()}
   tx = _optimizers()['flora']
-  shapes = _sds(_params(0))
+  shapes = _helpers.shape_structs(_params(0))
   state_sh = flora_optax.state_shardings(tx, shapes, param_sh)
   # PartitionSpecs with mesh= give the same answer.
   chex.assert_trees_all_equal(
@@ -378,28 +374,6 @@ def test_state_shardings_place_a_jitted_init():
     assert x.sharding == s
   mu = optax.tree.get(state, 'mu')['w']  # (RANK, 64), P(None, 'model'): 2 columns blocks
   assert {sh.data.shape for sh in mu.addressable_shards} == {(RANK, 32)}
-
-
-def test_state_shardings_bad_input():
-  mesh = _mesh((4, 2), ('data', 'model'))
-  tx = _optimizers()['momentum']
-  shapes = _sds(_params(0))
-  with pytest.raises(ValueError, match='param_shardings'):
-    flora_optax.state_shardings(tx, shapes, {'w': NamedSharding(mesh, P())})
-  with pytest.raises(ValueError, match='mesh='):
-    flora_optax.state_shardings(tx, shapes, P())
-  with pytest.raises(TypeError, match='NamedSharding'):
-    flora_optax.state_shardings(
-        tx, shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  with pytest.raises(ValueError, match='own sharding'):
-    flora_optax.state_shardings(tx, shapes)
-  with pytest.raises(TypeError, match='`tx`'):
-    flora_optax.state_shardings(3, shapes, P(), mesh=mesh)
-  other = _mesh((8, 1), ('data', 'model'))
-  mixed = {n: NamedSharding(mesh if n == 'w' else other, P())
-           for n in shapes}
-  with pytest.raises(ValueError, match='one mesh'):
-    flora_optax.state_shardings(tx, shapes, mixed)
 
 
 # --- 6. The example script -------------------------------------------------

@@ -1,20 +1,36 @@
 """Bad input gives a clear error at build, init or trace time, never garbage.
 
-Property-based (hypothesis) over tree structures, shapes, dtypes and ranks:
-every invalid argument raises ``ValueError``/``TypeError`` naming the argument
-(or the leaf's path) and what is accepted; every valid tree, zero-size axes
-included, initialises and updates with the shapes and dtypes it was given.
+Every test whose purpose is to check an argument or a tree lives here, so that
+each rule is stated once. An error must be a ``ValueError``/``TypeError`` that
+names the argument (or the leaf's path) and what is accepted; the message
+patterns below are part of that contract.
+
+* Arguments several builders share (``rank``, ``projection``, ``side``,
+  ``dimension_numbers``, ``key``, ``resample_every``, ``decay``/``momentum``,
+  the momentum dtype): property-based (hypothesis) over every builder that
+  takes them.
+* One table per public entry point (``Projector``, ``compressed_momentum``,
+  ``flora``, ``optax.inject_hyperparams`` around them, ``MultiSteps``,
+  ``accumulate_gradients``, ``cycle_key``, ``state_shardings``), one row per
+  rule: ``(callable, kwargs, error type, message regex)``.
+* Random trees (hypothesis): every valid tree, zero-size axes included,
+  initialises and updates with the shapes and dtypes it was given; every
+  invalid leaf is named.
+* Updates that do not match the params given to ``init``.
 """
 
 import re
 
+import _helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import flora_optax
 from flora_optax import DimensionNumbers
@@ -43,11 +59,15 @@ def _raises(exc, *names):
       f'(?=.*{re.escape(n)})' for n in names))
 
 
-# --- build-time arguments -----------------------------------------------------
+# --- build-time arguments shared by several builders --------------------------
+#
+# The @examples pin the values the former per-module tables checked.
 
 
 @pytest.mark.parametrize('builder', BUILDERS)
 @given(rank=st.integers(max_value=0))
+@example(rank=0)
+@example(rank=-3)
 @FEW
 def test_nonpositive_rank(builder, rank):
   with _raises(ValueError, '`rank`', 'positive'):
@@ -58,6 +78,9 @@ def test_nonpositive_rank(builder, rank):
 @given(rank=st.one_of(
     st.floats(allow_nan=True), st.text(max_size=3), st.none(), st.booleans(),
     st.integers(1, 9).map(jnp.asarray), st.integers(1, 9).map(np.asarray)))
+@example(rank=1.5)
+@example(rank=2.0)
+@example(rank=True)
 @FEW
 def test_non_integer_rank(builder, rank):
   with _raises(TypeError, '`rank`', 'int'):
@@ -66,6 +89,8 @@ def test_non_integer_rank(builder, rank):
 
 @pytest.mark.parametrize('builder', ['compressed_momentum', 'flora'])
 @given(value=st.one_of(st.integers(max_value=0), st.integers(min_value=2**31)))
+@example(value=0)
+@example(value=-1)
 @FEW
 def test_resample_every_out_of_range(builder, value):
   with _raises(ValueError, '`resample_every`', 'positive int', 'None'):
@@ -74,6 +99,7 @@ def test_resample_every_out_of_range(builder, value):
 
 @pytest.mark.parametrize('builder', ['compressed_momentum', 'flora'])
 @given(value=st.one_of(st.floats(), st.text(max_size=2), st.booleans()))
+@example(value=2.5)
 @FEW
 def test_resample_every_not_an_int(builder, value):
   with _raises(TypeError, '`resample_every`', 'positive int'):
@@ -83,6 +109,8 @@ def test_resample_every_not_an_int(builder, value):
 @given(decay=st.one_of(
     st.floats(max_value=0, exclude_max=True),
     st.floats(min_value=1), st.just(float('nan'))))
+@example(decay=-0.1)
+@example(decay=1.5)
 @SETTINGS
 def test_decay_outside_unit_interval(decay):
   with _raises(ValueError, '`decay`', '[0, 1)'):
@@ -108,6 +136,10 @@ def test_decay_accepts_the_closed_lower_end():
     ('side', "'smaller', 'larger'"),
 ])
 @given(value=st.one_of(st.text(max_size=12), st.none(), st.integers()))
+@example(value='svd')
+@example(value='normal')
+@example(value='left')
+@example(value='both')
 @FEW
 def test_unknown_choice(builder, arg, accepted, value):
   if value in ('gaussian', 'rademacher', 'orthogonal', 'smaller', 'larger'):
@@ -121,6 +153,7 @@ def test_unknown_choice(builder, arg, accepted, value):
     DimensionNumbers((), 1),
     DimensionNumbers(0.5, 1),
     DimensionNumbers(0, (True,)),
+    DimensionNumbers(0, 'x'),  # a string is a Sequence, of non-ints
     'rows',
     {'w': 3},
 ])
@@ -153,6 +186,7 @@ def test_nesterov_must_be_bool():
 
 
 @given(k=st.integers(max_value=0))
+@example(k=0)
 @FEW
 def test_every_k_nonpositive(k):
   with _raises(ValueError, '`every_k_schedule`', 'positive'):
@@ -161,13 +195,345 @@ def test_every_k_nonpositive(k):
 
 @given(k=st.one_of(st.floats(), st.text(max_size=2), st.booleans(),
                    st.none()))
+@example(k=2.5)
+@example(k=True)
 @FEW
 def test_every_k_not_an_int(k):
   with _raises(TypeError, '`every_k_schedule`', 'positive int'):
     flora_optax.MultiSteps(optax.sgd(0.1), every_k_schedule=k, rank=4)
 
 
-# --- random trees ---------------------------------------------------------------
+# --- one table per public entry point -----------------------------------------
+#
+# Each row: (callable, kwargs, error type, message regex). Rules the
+# hypothesis tests above already cover for every builder are not repeated.
+
+
+def _plan(like, **kw):
+  return flora_optax.Projector(**kw).plan(like)
+
+
+def _momentum_init(params, **kw):
+  return flora_optax.compressed_momentum(**kw).init(params)
+
+
+def _flora(**kw):
+  return flora_optax.flora(**{'learning_rate': 1e-3, 'rank': 8, **kw})
+
+
+def _build_multisteps(**kw):
+  args = dict(opt=optax.sgd(0.1), every_k_schedule=2, rank=4)
+  args.update(kw)
+  return flora_optax.MultiSteps(args.pop('opt'), args.pop('every_k_schedule'),
+                                **args)
+
+
+def _multisteps_init(params, **kw):
+  return _build_multisteps(**kw).init(params)
+
+
+_INT64 = {'w': np.ones((4, 4), np.int64)}
+
+
+@pytest.mark.parametrize('fn, kwargs, exc, match', [
+    pytest.param(flora_optax.Projector, dict(rank=jnp.asarray(4)), TypeError,
+                 'static_args', id='rank-array'),
+    pytest.param(_plan, dict(rank=lambda p, x: 2.5,
+                             like={'a': jnp.zeros((8, 50))}),
+                 TypeError, r'rank.*callable returned 2.5',
+                 id='rank-callable-returns-a-float'),
+    pytest.param(_plan, dict(rank=2, like=_INT64), TypeError, 'dtype int64',
+                 id='int64-leaf'),
+    pytest.param(_plan, dict(rank=2, like=(jnp.ones((4, 6)),),
+                             dimension_numbers=[DimensionNumbers(0, 1)]),
+                 ValueError, r'`dimension_numbers`.*structure.*same paths but '
+                 r'different containers', id='dimension-numbers-container'),
+])
+def test_projector_rejects(fn, kwargs, exc, match):
+  with pytest.raises(exc, match=match):
+    fn(**kwargs)
+
+
+@pytest.mark.parametrize('fn, kwargs, exc, match', [
+    pytest.param(flora_optax.compressed_momentum,
+                 dict(rank=4, transfer='magic'), ValueError, 'transfer',
+                 id='transfer'),
+    pytest.param(flora_optax.compressed_momentum,
+                 dict(rank=4, residual='yes'), TypeError, 'residual',
+                 id='residual-not-a-bool'),
+    pytest.param(flora_optax.compressed_momentum,
+                 dict(rank=4, resample_every=jnp.array([1, 2])), ValueError,
+                 r'`resample_every` must be a scalar, got shape \(2,\)',
+                 id='resample-every-not-a-scalar'),
+    pytest.param(flora_optax.compressed_momentum,
+                 dict(rank=4, resample_every=jnp.asarray(2.5)), TypeError,
+                 '`resample_every` must be a positive int',
+                 id='resample-every-fractional-array'),
+    pytest.param(flora_optax.compressed_momentum,
+                 dict(rank=4, accumulator_dtype=jnp.zeros((), jnp.bfloat16)),
+                 TypeError, r"(?s)`accumulator_dtype` must be a dtype, got an "
+                 r"array.*'bfloat16'.*static_args",
+                 id='accumulator-dtype-array'),
+    pytest.param(_momentum_init, dict(rank=2, params=_INT64), TypeError,
+                 r"Leaf \['w'\] has dtype int64", id='int64-leaf'),
+])
+def test_compressed_momentum_rejects(fn, kwargs, exc, match):
+  with pytest.raises(exc, match=match):
+    fn(**kwargs)
+
+
+@pytest.mark.parametrize('fn, kwargs, exc, match', [
+    pytest.param(_flora, dict(transfer='x'), ValueError,
+                 r"`transfer` must be one of \['unbiased', 'projected', "
+                 r"'reset'\]", id='transfer'),
+    *[pytest.param(_flora, dict(min_dim_size_to_factor=bad), TypeError,
+                   'min_dim_size_to_factor', id=f'min-dim-size-to-factor-{i}')
+      for i, bad in enumerate((4.5, 'big', jnp.ones(2, jnp.int32)))],
+    pytest.param(_flora, dict(min_dim_size_to_factor=True), TypeError,
+                 '`min_dim_size_to_factor` must be an int or None',
+                 id='min-dim-size-to-factor-bool'),
+])
+def test_flora_rejects(fn, kwargs, exc, match):
+  with pytest.raises(exc, match=match):
+    fn(**kwargs)
+
+
+@pytest.mark.parametrize('momentum', [0.9, None])
+@pytest.mark.parametrize('params, path, kind', [
+    ({'w': 1.0}, "['w']", 'no dtype (a Python float, not an array)'),
+    ({'w': [[1.0, 2.0], [3.0, 4.0]]}, r"['w'][0][0]", 'a Python float'),
+    ({'w': jnp.ones((4, 4)), 'n': 3}, "['n']", 'a Python int'),
+    ({'w': np.ones((4, 4), np.int64)}, "['w']", 'dtype int64'),
+    ({'w': np.ones((4, 4), np.complex64)}, "['w']", 'dtype complex64'),
+])
+def test_flora_names_a_bad_leaf(params, path, kind, momentum):
+  # With and without momentum: Adafactor's parts would fail inside optax.
+  tx = flora_optax.flora(1e-2, 2, momentum=momentum)
+  with pytest.raises(TypeError) as info:
+    tx.init(params)
+  assert f'Leaf {path} has' in str(info.value)
+  assert kind in str(info.value)
+
+
+# optax.inject_hyperparams turns every argument not in static_args into an
+# array (a callable into a schedule): arguments that set state shapes or
+# dtypes must then say how to pass them.
+_INJECT_KW = dict(rank=3, resample_every=2, min_dim_size_to_factor=4)
+_INJECT_PARAMS = {'w': jnp.ones((12, 8)), 'b': jnp.ones((8,))}
+
+
+def _injected_init(fn, static_args, *args, jit=False, **kw):
+  tx = optax.inject_hyperparams(fn, static_args=static_args)(*args, **kw)
+  return (jax.jit(tx.init) if jit else tx.init)(_INJECT_PARAMS)
+
+
+@pytest.mark.parametrize('fn, kwargs, exc, match', [
+    *[pytest.param(_injected_init, dict(
+        fn=flora_optax.flora, static_args=static, args=(1e-2,), kw=_INJECT_KW),
+                   TypeError, r'static_args=\(.rank.',
+                   id=f'flora-rank-not-static-{i}')
+      for i, static in enumerate([(), ('min_dim_size_to_factor',)])],
+    pytest.param(_injected_init, dict(
+        fn=flora_optax.flora, static_args=('rank',), args=(1e-2,),
+        kw=_INJECT_KW, jit=True), TypeError,
+                 'min_dim_size_to_factor.*static_args',
+                 id='flora-min-dim-size-to-factor-traced'),
+    pytest.param(_injected_init, dict(
+        fn=flora_optax.flora,
+        static_args=('rank', 'min_dim_size_to_factor'), args=(1e-2,),
+        kw=dict(dtype_momentum=jnp.bfloat16, **_INJECT_KW)), TypeError,
+                 'dtype_momentum', id='flora-dtype-momentum-callable'),
+    pytest.param(_injected_init, dict(
+        fn=flora_optax.compressed_momentum, static_args='rank', args=(3,),
+        kw=dict(accumulator_dtype=jnp.bfloat16)), TypeError,
+                 'accumulator_dtype',
+                 id='momentum-accumulator-dtype-callable'),
+])
+def test_inject_hyperparams_rejects(fn, kwargs, exc, match):
+  kwargs = dict(kwargs)
+  args, kw = kwargs.pop('args'), kwargs.pop('kw')
+  with pytest.raises(exc, match=match):
+    fn(kwargs.pop('fn'), kwargs.pop('static_args'), *args, **kwargs, **kw)
+
+
+def _skip_returns_a_vector(updates, gradient_step, params):
+  del updates, gradient_step, params
+  return jnp.zeros(3), ()
+
+
+def _multisteps_update(updates, params=None, init_params=None, **kw):
+  tx = _build_multisteps(**kw)
+  state = tx.init(init_params)
+  return tx.update(updates, state, params)
+
+
+_MS_PARAMS = {'w': jnp.zeros((16, 32)), 'b': jnp.zeros((32,))}
+_MS_WIDER = {'w': jnp.zeros((16, 33)), 'b': jnp.zeros((32,))}
+
+
+@pytest.mark.parametrize('fn, kwargs, exc, match', [
+    pytest.param(_build_multisteps, dict(opt='sgd'), TypeError, '`opt`',
+                 id='opt'),
+    pytest.param(_build_multisteps, dict(use_grad_mean='yes'), TypeError,
+                 '`use_grad_mean`', id='use-grad-mean'),
+    pytest.param(_build_multisteps, dict(should_skip_update_fn=3), TypeError,
+                 '`should_skip_update_fn`', id='should-skip-update-fn'),
+    pytest.param(_build_multisteps, dict(accumulator_dtype=jnp.int32),
+                 TypeError, '`accumulator_dtype`', id='accumulator-dtype'),
+    pytest.param(_multisteps_init, dict(rank=2, params=_INT64), TypeError,
+                 r"Leaf \['w'\] has dtype int64", id='int64-leaf'),
+    # At trace time.
+    pytest.param(_multisteps_update, dict(
+        rank=2, should_skip_update_fn=_skip_returns_a_vector,
+        updates={'w': jnp.zeros((4, 4))}, params={'w': jnp.zeros((4, 4))},
+        init_params={'w': jnp.zeros((4, 4))}), ValueError, 'boolean scalar',
+                 id='skip-fn-returns-no-bool-scalar'),
+    pytest.param(_multisteps_update, dict(
+        updates={'w': _MS_PARAMS['w']}, init_params=_MS_PARAMS), ValueError,
+                 r"leaves missing: \['b'\]", id='update-lacks-a-leaf'),
+    pytest.param(_multisteps_update, dict(
+        updates={'w': _MS_PARAMS['w'], 'b': jnp.zeros((31,))},
+        init_params=_MS_PARAMS), ValueError, r"\['b'\].*\(31,\)",
+                 id='update-leaf-shape'),
+    # A change of the compressed axis alone is caught through params.
+    pytest.param(_multisteps_update, dict(
+        updates=_MS_WIDER, params=_MS_WIDER, init_params=_MS_PARAMS),
+                 ValueError, r"\['w'\]", id='update-compressed-axis-shape'),
+])
+def test_multisteps_rejects(fn, kwargs, exc, match):
+  with pytest.raises(exc, match=match):
+    fn(**kwargs)
+
+
+def _accumulate(grad_fn=lambda p, b: p, micro_batches=None, **kw):
+  args = dict(projector=flora_optax.Projector(2), step=0)
+  args.update(kw)
+  if micro_batches is None:
+    micro_batches = jnp.ones((2, 3))
+  return flora_optax.accumulate_gradients(grad_fn, {'w': jnp.zeros((4, 4))},
+                                          micro_batches, **args)
+
+
+@pytest.mark.parametrize('fn, kwargs, exc, match', [
+    pytest.param(_accumulate, dict(projector=2), TypeError, '`projector`',
+                 id='projector'),
+    pytest.param(_accumulate, dict(micro_batches={
+        'x': jnp.ones((2, 3)), 'y': jnp.ones((3, 3))}), ValueError,
+                 '`micro_batches`', id='micro-batches-sizes-differ'),
+    pytest.param(_accumulate, dict(micro_batches=jnp.ones(())), ValueError,
+                 '`micro_batches`', id='micro-batches-scalar'),
+    pytest.param(_accumulate, dict(micro_batches={}), ValueError,
+                 '`micro_batches` must be a non-empty pytree',
+                 id='micro-batches-no-leaves'),
+    pytest.param(_accumulate, dict(micro_batches=jnp.ones((0, 3))),
+                 ValueError, r'`micro_batches`.*size >= 1.*\{0\}',
+                 id='micro-batches-empty-axis'),
+    pytest.param(_accumulate, dict(grad_fn=None), TypeError, '`grad_fn`',
+                 id='grad-fn'),
+    pytest.param(_accumulate, dict(use_grad_mean=1), TypeError,
+                 '`use_grad_mean` must be a bool', id='use-grad-mean'),
+    pytest.param(_accumulate, dict(accumulator_dtype=jnp.int32), TypeError,
+                 '`accumulator_dtype` must be a floating dtype',
+                 id='accumulator-dtype'),
+    pytest.param(_accumulate, dict(key='k'), TypeError,
+                 '`key` must be an int seed, a typed key', id='key'),
+])
+def test_accumulate_gradients_rejects(fn, kwargs, exc, match):
+  with pytest.raises(exc, match=match):
+    fn(**kwargs)
+
+
+# Keys: see also test_bad_key (every builder) above.
+@pytest.mark.parametrize('fn, kwargs, exc, match', [
+    # Raw key data of another implementation: a typed key is the way.
+    pytest.param(_build_multisteps, dict(key=jax.random.key_data(
+        jax.random.key(0, impl='rbg'))), ValueError, 'wrap_key_data',
+                 id='multisteps-raw-rbg-key-data'),
+    pytest.param(_build_multisteps, dict(key=jax.random.split(
+        jax.random.key(0))), ValueError, 'single typed key',
+                 id='multisteps-key-array'),
+    pytest.param(flora_optax.cycle_key, dict(key=0, cycle=0, purpose='mom'),
+                 ValueError, r"`purpose` must be one of \['momentum', "
+                 r"'accumulation'\], got 'mom'", id='cycle-key-purpose'),
+    pytest.param(flora_optax.cycle_key, dict(
+        key=np.zeros(2, np.uint32), cycle=0, impl='rbg'), ValueError,
+                 r"(?s)key data of shape \(2,\) does not fit the PRNG "
+                 r"implementation 'rbg'.*typed key",
+                 id='cycle-key-data-of-another-impl'),
+])
+def test_keys_rejected(fn, kwargs, exc, match):
+  with pytest.raises(exc, match=match):
+    fn(**kwargs)
+
+
+_SHARD_SHAPES = _helpers.shape_structs(
+    {'w': jnp.zeros((32, 64)), 'b': jnp.zeros((32,))})
+
+
+def _state_shardings(param_shardings=None, params=_SHARD_SHAPES, tx=None,
+                     **kw):
+  """``state_shardings`` with ``param_shardings`` built on a (4, 2) mesh."""
+  mesh = jax.make_mesh((4, 2), ('data', 'model'),
+                       axis_types=(AxisType.Auto,) * 2)
+  other = jax.make_mesh((8, 1), ('data', 'model'),
+                        axis_types=(AxisType.Auto,) * 2)
+  tx = flora_optax.compressed_momentum(2) if tx is None else tx
+  if callable(param_shardings):
+    param_shardings = param_shardings(mesh, other)
+  if kw.pop('with_mesh', False):
+    kw['mesh'] = mesh
+  return flora_optax.state_shardings(tx, params, param_shardings, **kw)
+
+
+@pytest.mark.parametrize('fn, kwargs, exc, match', [
+    pytest.param(_state_shardings, dict(
+        param_shardings=lambda m, o: {'w': NamedSharding(m, P())}),
+                 ValueError, 'param_shardings', id='structure'),
+    pytest.param(_state_shardings, dict(param_shardings=P()), ValueError,
+                 'mesh=', id='partition-spec-without-mesh'),
+    pytest.param(_state_shardings, dict(
+        param_shardings=lambda m, o: {'w': NamedSharding(m, P()), 'b': None}),
+                 ValueError, r'leaf of None \(replicated\) needs `mesh=`',
+                 id='none-leaf-without-mesh'),
+    pytest.param(_state_shardings, dict(
+        param_shardings=lambda m, o: jax.sharding.SingleDeviceSharding(
+            jax.devices()[0])), TypeError, 'NamedSharding',
+                 id='not-a-named-sharding'),
+    pytest.param(_state_shardings, dict(), ValueError, 'own sharding',
+                 id='leaves-without-sharding'),
+    pytest.param(_state_shardings, dict(tx=3, param_shardings=P(),
+                                        with_mesh=True), TypeError, '`tx`',
+                 id='tx'),
+    pytest.param(_state_shardings, dict(param_shardings=lambda m, o: {
+        'w': NamedSharding(m, P()), 'b': NamedSharding(o, P())}),
+                 ValueError, 'one mesh', id='two-meshes'),
+    pytest.param(_state_shardings, dict(params={}), ValueError,
+                 '`params` has no leaves', id='no-leaves'),
+    pytest.param(_state_shardings, dict(
+        param_shardings=lambda m, o: NamedSharding(m.abstract_mesh, P())),
+                 TypeError, r'`param_shardings` must be on a concrete '
+                 r'jax.sharding.Mesh, got AbstractMesh', id='abstract-mesh'),
+])
+def test_state_shardings_rejects(fn, kwargs, exc, match):
+  with pytest.raises(exc, match=match):
+    fn(**kwargs)
+
+
+# The internal factories benchmarks/quality.py builds its variants with.
+@pytest.mark.parametrize('fn, kwargs, exc, match', [
+    pytest.param(flora_optax._momentum.make_compressed_momentum,
+                 dict(rank=4, subspace_scale='big'), ValueError,
+                 'subspace_scale', id='subspace-scale'),
+    pytest.param(flora_optax._alias.make_flora,
+                 dict(learning_rate=1e-2, rank=4, momentum_position='end'),
+                 ValueError, 'momentum_position', id='momentum-position'),
+])
+def test_internal_factories_reject(fn, kwargs, exc, match):
+  with pytest.raises(exc, match=match):
+    fn(**kwargs)
+
+
+# --- random trees -------------------------------------------------------------
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 _BAD_DTYPES = (jnp.int32, jnp.uint8, jnp.bool_, jnp.complex64)
@@ -322,7 +688,7 @@ def test_dimension_numbers_axis_out_of_range(ndim, data):
              flora_optax.Projector(1, dimension_numbers=dn)):
     init = tx.plan if isinstance(tx, flora_optax.Projector) else tx.init
     with _raises(ValueError, '`dimension_numbers`', f'axis {bad_axis}',
-                 "leaf ['layer']['kernel']", f'{ndim} axes'):
+                 'out of range', "leaf ['layer']['kernel']", f'{ndim} axes'):
       init(params)
 
 
@@ -361,7 +727,7 @@ def test_dimension_numbers_tree_must_match_params():
         {'w': jnp.ones((4, 6)), 'b': jnp.ones((6,))})
 
 
-# --- updates that do not match init ------------------------------------------
+# --- updates that do not match init -------------------------------------------
 
 
 def _update_fns(tx):
@@ -436,3 +802,36 @@ def test_flora_chain_names_the_leaf_on_mismatch():
   wrong = {'w': jnp.ones((9, 6)), 'b': jnp.ones(6)}
   with pytest.raises(ValueError, match=r"\['w'\]"):
     jax.jit(tx.update)(wrong, state, params)
+
+
+def test_dimension_numbers_structure_error_does_not_rely_on_jax_wording(
+    monkeypatch):
+  params = {'w': jnp.ones((4, 6)), 'b': jnp.ones((6,))}
+  cases = [
+      ({'w': DimensionNumbers(0, 1)}, r"lacks: \['b'\]"),
+      ({'w': DimensionNumbers(0, 1), 'b': None, 'x': None},
+       r"for no params leaf: \['x'\]"),
+  ]
+  # Whatever JAX's own messages say, the error is ours and names the leaves.
+  real = jax.tree_util.tree_map_with_path
+
+  def reworded(*args, **kwargs):
+    try:
+      return real(*args, **kwargs)
+    except ValueError as e:
+      raise ValueError('some other wording') from e
+
+  monkeypatch.setattr(jax.tree_util, 'tree_map_with_path', reworded)
+  for dn, match in cases:
+    with pytest.raises(ValueError, match=match) as info:
+      flora_optax.Projector(2, dimension_numbers=dn).plan(params)
+    assert '`dimension_numbers`' in str(info.value)
+    assert 'structure' in str(info.value)
+  # A dimension_numbers leaf may stand for an NNX Variable (a subtree).
+  nnx, model = _helpers.nnx_model()
+  state = nnx.state(model, nnx.Param)
+  dn = jax.tree.map(lambda _: None, state,
+                    is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert jax.tree.leaves(flora_optax.Projector(
+      2, dimension_numbers=dn).plan(state), is_leaf=lambda x: isinstance(
+          x, flora_optax.LeafPlan))
