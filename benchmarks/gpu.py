@@ -291,6 +291,7 @@ def machine(size: Size) -> dict[str, Any]:
       'jax': jax.__version__, 'optax': optax.__version__,
       'numpy': np.__version__, 'python': platform.python_version(),
       'host': platform.processor() or platform.machine(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'flora_modes': [m for m in flora_modes()],
       'size': dataclasses.asdict(size),
   }
@@ -574,7 +575,9 @@ def markdown(res: dict[str, Any]) -> str:
            'run; peaks are XLA\'s memory_analysis() (arguments + outputs + '
            'temporaries - donated); compile time is lowering + XLA '
            f'compilation (update: the fastest of {m["size"]["compile_repeats"]}'
-           ', train step: one).', '']
+           ', train step: one).'
+           + (f' XLA_FLAGS: `{m["xla_flags"]}`.' if m.get('xla_flags') else ''),
+           '']
   fmt = lambda x, f='.3g': 'n/a' if x is None else format(x, f)
   if res.get('targets'):
     lines += ['## Targets (issue 14 item 2)', '',
@@ -658,6 +661,10 @@ def write(res: dict[str, Any], out: str) -> tuple[str, str]:
 
 
 def main(argv=None) -> dict[str, Any]:
+  # jaxlib 0.10's XLA:CPU hung in the interleaved timing loop here (twice in
+  # three --cpu-full runs); a no-op on other versions, and GPUs never run the
+  # CPU scheduler it turns off.
+  common.avoid_xla_cpu_hang()
   parser = argparse.ArgumentParser(prog='python -m benchmarks.gpu',
                                    description=__doc__.split('\n')[0])
   group = parser.add_mutually_exclusive_group()

@@ -18,7 +18,7 @@ from flora_optax._projector import Projector as Projector
 from flora_optax._types import DimensionNumbers as DimensionNumbers
 from flora_optax._sharding import state_shardings as state_shardings
 
-__version__ = '0.2.0'
+__version__ = '0.2.1'
 
 __all__ = [
     'CompressedMomentumState',
