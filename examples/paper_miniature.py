@@ -53,6 +53,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import data as data_lib
+import xla_cpu
 import model as model_lib
 import train_lm
 from gpt import stack_trees
@@ -372,4 +373,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
+  xla_cpu.avoid_xla_cpu_hang()  # jaxlib 0.10 on CPU only; see the README
   main()

@@ -38,6 +38,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import data as data_lib
+import xla_cpu
 from memory import peak_bytes, tree_bytes
 from model import ModelConfig, init_model, make_loss_fn
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -414,4 +415,5 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
 
 
 if __name__ == '__main__':
+  xla_cpu.avoid_xla_cpu_hang()  # jaxlib 0.10 on CPU only; see the README
   main()
