@@ -217,7 +217,11 @@ class LeafPlan:
       return jnp.broadcast_to(eye, (*batch, self.rank, self.rank))
     gram = jnp.einsum(f'{self._p_labels(_R)},{self._p_labels(_R2)}->'
                       f'{self._rr_labels()}', p, p)
-    return jnp.linalg.inv(gram)
+    # P Pᵀ is symmetric positive definite (P has full row rank with
+    # probability one): through its Cholesky factor the inverse compiles to
+    # about a third of the program jnp.linalg.inv's LU makes (measured on CPU).
+    eye = jnp.broadcast_to(jnp.eye(self.rank, dtype=gram.dtype), gram.shape)
+    return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(gram), True), eye)
 
   def subspace_coordinates(self, c: jax.Array, p: jax.Array,
                            projection: Projection,
