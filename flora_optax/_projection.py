@@ -331,7 +331,9 @@ def _chunks(items: Sequence[Item]) -> list[list[int]]:
       groups.setdefault((plan.p_shape, jnp.dtype(dtype)), []).append(i)
   out = []
   for (p_shape, dtype), idx in groups.items():
-    per = max(1, DRAW_CHUNK_BYTES // (math.prod(p_shape) * dtype.itemsize))
+    # An empty ``P`` (a zero-length batch axis) costs nothing: one chunk.
+    nbytes = math.prod(p_shape) * dtype.itemsize
+    per = len(idx) if nbytes == 0 else max(1, DRAW_CHUNK_BYTES // nbytes)
     out += [idx[s:s + per] for s in range(0, len(idx), per)]
   return out
 
