@@ -2,7 +2,8 @@
 
 Runs the optimizer comparison (:mod:`benchmarks.optimizers`), writes its
 JSON, markdown, plots and README section (:mod:`benchmarks.report`), then the
-gradient-accumulation benchmark (:mod:`benchmarks.accumulation`). ``--quick``
+gradient-accumulation benchmark (:mod:`benchmarks.accumulation`) and the
+quantized states' one (:mod:`benchmarks.quantized`). ``--quick``
 is the tiny smoke-test size (seconds, no meaningful figures) and writes into
 ``results/quick/`` unless ``--out`` says otherwise.
 """
@@ -16,7 +17,7 @@ import sys
 import time
 
 OPTIMIZER_PARTS = ('state', 'update', 'multisteps', 'step', 'lm', 'scaling')
-PARTS = OPTIMIZER_PARTS + ('accumulation',)
+PARTS = OPTIMIZER_PARTS + ('accumulation', 'quantized')
 
 
 def main(argv=None) -> list[str]:
@@ -62,6 +63,9 @@ def main(argv=None) -> list[str]:
   if 'accumulation' in parts:
     from benchmarks import accumulation
     accumulation.main(['--quick'] if args.quick else [])
+  if 'quantized' in parts:
+    from benchmarks import quantized
+    paths += quantized.main(['--quick'] if args.quick else [])
   print(f'done in {time.perf_counter() - t0:.0f} s; wrote:', *paths, sep='\n  ')
   return paths
 

@@ -182,6 +182,11 @@ def candidates(ranks, *, rbg_rank: int | None = None
        lambda: optax.adafactor(LR, momentum=0.9)),
       ('adafactor', 'adafactor', None, lambda: optax.adafactor(LR)),
       ('adamw', 'adamw', None, lambda: optax.adamw(LR)),
+      # Quantized momentum (issue 18), every direction kept.
+      ('flora rank=None bits=8', 'quantized', None,
+       lambda: flora_optax.flora(LR, None, bits=8)),
+      ('flora rank=None bits=4', 'quantized', None,
+       lambda: flora_optax.flora(LR, None, bits=4)),
   ]
   modes = flora_modes()
   for r in ranks:

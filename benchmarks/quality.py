@@ -476,6 +476,48 @@ def _multisteps(compressed: bool) -> MakeTx:
   return make
 
 
+def _quantized(bits: int, ranked: bool, **options: Any) -> MakeTx:
+  """Adafactor whose momentum is kept in ``bits``-bit codes: in every
+  direction (``ranked=False``) or as Flora's default sketch; ``options``:
+  the quantization keywords (block size, code map, rounding)."""
+  def make(lr, rank, key, resample_every):
+    return flora_optax.flora(lr, rank if ranked else None, momentum=MOMENTUM,
+                             key=key, resample_every=resample_every,
+                             bits=bits, **options, **ADAFACTOR)
+  return make
+
+
+# How the defaults of the quantized momentum were chosen: each row changes
+# one keyword of the library's default (code map, block size, rounding).
+QUANT_ABLATIONS = {
+    'momentum_8bit_linear': (8, dict(code_map='linear')),
+    'momentum_4bit_linear': (4, dict(code_map='linear')),
+    'momentum_4bit_block64': (4, dict(block_size=64)),
+    'momentum_4bit_block256': (4, dict(block_size=256)),
+    'momentum_4bit_linear_block64': (4, dict(code_map='linear',
+                                              block_size=64)),
+    'momentum_4bit_stochastic': (4, dict(stochastic_rounding=True)),
+}
+
+
+def _adafactor_bf16() -> MakeTx:
+  def make(lr, rank, key, resample_every):
+    del rank, key, resample_every
+    return optax.adafactor(lr, momentum=MOMENTUM, dtype_momentum=jnp.bfloat16,
+                           **ADAFACTOR)
+  return make
+
+
+def _multisteps_quantized(bits: int, **options: Any) -> MakeTx:
+  def make(lr, rank, key, resample_every):
+    del rank, resample_every
+    inner = optax.adafactor(lr, **ADAFACTOR)
+    return flora_optax.MultiSteps(inner, ACCUMULATE, rank=None, key=key,
+                                  bits=bits, **options
+                                  ).gradient_transformation()
+  return make
+
+
 def variants() -> dict[str, Variant]:
   """Every row of the study, in table order."""
   rows = [
@@ -505,7 +547,35 @@ def variants() -> dict[str, Variant]:
       Variant('multisteps_flora', f'flora_optax.MultiSteps (K={ACCUMULATE})',
               _multisteps(True), ranked=True, accumulate=ACCUMULATE,
               lm_only=True),
+      # Quantized states (issue 18): the same bytes spent on precision.
+      Variant('adafactor_bf16', f'Adafactor, bf16 momentum {MOMENTUM}',
+              _adafactor_bf16(), ranked=False),
+      Variant('momentum_8bit', 'momentum in 8-bit codes (rank=None, bits=8)',
+              _quantized(8, False), ranked=False),
+      Variant('momentum_4bit', 'momentum in 4-bit codes (rank=None, bits=4)',
+              _quantized(4, False), ranked=False),
+      Variant('flora_8bit', 'Flora sketch in 8-bit codes (bits=8)',
+              _quantized(8, True), ranked=True),
+      Variant('multisteps_8bit',
+              f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits=8)',
+              _multisteps_quantized(8), ranked=False, accumulate=ACCUMULATE,
+              lm_only=True),
+      Variant('multisteps_4bit',
+              f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits=4)',
+              _multisteps_quantized(4), ranked=False, accumulate=ACCUMULATE,
+              lm_only=True),
   ]
+  for bits in (8, 4):
+    rows.append(Variant(
+        f'multisteps_{bits}bit_nearest',
+        f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits={bits}, '
+        'nearest rounding)',
+        _multisteps_quantized(bits, stochastic_rounding=False), ranked=False,
+        accumulate=ACCUMULATE, lm_only=True))
+  for name, (bits, options) in QUANT_ABLATIONS.items():
+    what = ', '.join(f'{k}={v!r}' for k, v in options.items())
+    rows.append(Variant(name, f'momentum in {bits}-bit codes ({what})',
+                        _quantized(bits, False, **options), ranked=False))
   return {v.name: v for v in rows}
 
 

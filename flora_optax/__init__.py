@@ -1,8 +1,10 @@
-"""flora_optax: optimizer states compressed by random projections, for Optax.
+"""flora_optax: memory-cheap optimizer states for Optax.
 
-Flora (Hao, Cao and Mou, ICML 2024) keeps the momentum and the gradient
-accumulator of every matrix as a random sketch ``G Pᵀ`` of size
-``r·max(n, m)`` instead of ``n·m``, regenerating ``P`` from a key.
+Two compressors that compose: Flora's random projection (Hao, Cao and Mou,
+ICML 2024) keeps the momentum and the gradient accumulator of every matrix as
+a random sketch ``G Pᵀ`` of size ``r·max(n, m)`` instead of ``n·m``,
+regenerating ``P`` from a key; block-wise quantization (``bits=8`` or ``4``)
+keeps a state, sketched or not, in 8- or 4-bit codes.
 """
 
 from flora_optax._accumulation import MultiSteps as MultiSteps
@@ -15,6 +17,7 @@ from flora_optax._momentum import TransferStabilityWarning as TransferStabilityW
 from flora_optax._momentum import compressed_momentum as compressed_momentum
 from flora_optax._projection import LeafPlan as LeafPlan
 from flora_optax._projector import Projector as Projector
+from flora_optax._quantization import QuantizedArray as QuantizedArray
 from flora_optax._types import DimensionNumbers as DimensionNumbers
 from flora_optax._sharding import state_shardings as state_shardings
 
@@ -27,6 +30,7 @@ __all__ = [
     'MultiSteps',
     'MultiStepsState',
     'Projector',
+    'QuantizedArray',
     'TransferStabilityWarning',
     'accumulate_gradients',
     'compressed_momentum',

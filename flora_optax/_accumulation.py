@@ -29,6 +29,7 @@ import optax
 from flora_optax import _checks
 from flora_optax import _keys
 from flora_optax import _leaves
+from flora_optax import _quantization
 from flora_optax import _sharding
 from flora_optax._leaves import Leaves
 from flora_optax._projector import Projector
@@ -49,7 +50,9 @@ class MultiStepsState(NamedTuple):
     inner_opt_state: the state of the wrapped optimizer.
     acc_grads: per leaf, the accumulated sketch (compressed leaves, shape
       ``r×max(n, m)`` for ``side='smaller'``) or the dense accumulator (other
-      leaves), in ``accumulator_dtype``.
+      leaves), in ``accumulator_dtype``; with ``bits`` set, a
+      :class:`QuantizedArray` for every leaf of at least
+      ``min_quantized_size`` entries.
     skip_state: what ``should_skip_update_fn`` returned last (``()`` without
       one).
     key: raw ``uint32`` key data the projections derive from.
@@ -95,6 +98,21 @@ def _zero_updates(inner, updates, inner_state) -> Any:
   return jax.tree.map(_sharding.zeros_of, shapes)
 
 
+# Measured (README, "Quantized states"): an accumulator adds K comparable
+# terms, and nearest rounding of each partial mean biases the sum; stochastic
+# rounding keeps it unbiased.
+DEFAULT_ACCUMULATOR_ROUNDING = True
+
+
+def _rounding_key(quantizer, key_data, cycle, micro_step, impl):
+  """The stochastic-rounding key of one micro-step of one cycle (None when
+  nothing is rounded at random)."""
+  if quantizer is None or not quantizer.stochastic_rounding:
+    return None
+  k = _keys.cycle_key(key_data, cycle, 'accumulation_rounding', impl=impl)
+  return jax.random.fold_in(k, micro_step)
+
+
 def _never_skip(*unused_args, **unused_kwargs):
   return jnp.array(False, dtype=jnp.bool_), ()
 
@@ -134,7 +152,8 @@ class MultiSteps:
     every_k_schedule: micro-steps per update: a positive int, or a callable
       ``gradient_step -> int`` (e.g. to grow the batch over training).
     rank: the rank ``r``: a positive int, or a callable ``(path, leaf) -> int
-      | None`` (see :class:`Projector`).
+      | None`` (see :class:`Projector`); ``None`` projects no leaf (the
+      accumulator of ``optax.MultiSteps``, quantized with ``bits``).
     key: an int seed, a typed key or raw ``uint32`` key data.
     use_grad_mean: average the micro-gradients (``True``) or sum them.
     should_skip_update_fn: as in ``optax.MultiSteps``, e.g.
@@ -145,6 +164,19 @@ class MultiSteps:
     side: ``'smaller'`` or ``'larger'``, the matrix axis to compress.
     dimension_numbers: the matrix view of higher-rank leaves (see
       :class:`Projector`).
+    bits: ``None`` (float accumulators in ``accumulator_dtype``), ``8`` or
+      ``4``: keep the accumulator (the sketch, or with ``rank=None`` the
+      dense accumulator, as ``optax.MultiSteps`` keeps) in block-wise 8- or
+      4-bit codes with one float32 scale per block along the last axis. Each
+      micro-step decodes it, adds the micro-gradient in float32 and encodes
+      it again.
+    block_size: entries per block; ``None``: 256 for 8 bits, 128 for 4.
+    code_map: ``'sqrt'`` (the default) or ``'linear'``.
+    min_quantized_size: leaves whose accumulator has fewer entries stay in
+      ``accumulator_dtype``; ``None``: 4096.
+    stochastic_rounding: round codes at random, unbiased in value (noise from
+      ``key``, the cycle and the micro-step); ``None``: on (an accumulator
+      sums its rounding errors).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -162,6 +194,13 @@ class MultiSteps:
     >>> updates, state = step(grads, state, params)
     >>> bool(tx.has_updated(state)), updates['b'][:2]
     (True, Array([-0.1, -0.1], dtype=float32))
+
+    ``optax.MultiSteps`` with an 8-bit accumulator (no projection):
+
+    >>> tx = flora_optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2,
+    ...                             rank=None, bits=8, min_quantized_size=0)
+    >>> tx.init(params).acc_grads['w'].codes.dtype
+    dtype('int8')
 
   References:
     Hao, Cao and Mou, `Flora: Low-Rank Adapters Are Secretly Gradient
@@ -182,6 +221,11 @@ class MultiSteps:
       projection: Projection = 'gaussian',
       side: Side = 'smaller',
       dimension_numbers: DimensionNumbersSpec = None,
+      bits: int | None = None,
+      block_size: int | None = None,
+      code_map: str | None = None,
+      min_quantized_size: int | None = None,
+      stochastic_rounding: bool | None = None,
   ):
     _checks.check_transformation(opt, 'opt')
     _checks.check_every_k_schedule(every_k_schedule)
@@ -207,6 +251,12 @@ class MultiSteps:
     self._should_skip_update_fn = should_skip_update_fn or _never_skip
     self._accumulator_dtype = _checks.check_float_dtype(accumulator_dtype,
                                                         'accumulator_dtype')
+    _checks.check_quantization(bits, block_size, code_map, min_quantized_size,
+                               stochastic_rounding)
+    self._quantizer = _quantization.make_quantizer(
+        bits, block_size, code_map,
+        DEFAULT_ACCUMULATOR_ROUNDING if stochastic_rounding is None
+        else stochastic_rounding, min_quantized_size)
 
   @property
   def inner_opt(self) -> optax.GradientTransformationExtraArgs:
@@ -227,7 +277,8 @@ class MultiSteps:
         gradient_step=gradient_step,
         inner_opt_state=self._opt.init(params),
         acc_grads=_leaves.sketch_zeros(self._projector, params,
-                                       self._accumulator_dtype),
+                                       self._accumulator_dtype,
+                                       self._quantizer),
         skip_state=skip_state,
         # From the user's key, made here: under an Explicit mesh an int seed
         # then gives replicated key data, as every other state leaf.
@@ -247,9 +298,8 @@ class MultiSteps:
         updates, state.gradient_step, params)
     should_skip = jnp.asarray(should_skip)
     _checks.check_skip_result(should_skip)
-    leaves = Leaves.of(self._projector, updates)
-    _checks.check_sketches(leaves.unflatten(leaves.plans), state.acc_grads,
-                           'gradient accumulator', params)
+    leaves = Leaves.of(self._projector, updates, quantizer=self._quantizer)
+    leaves.check_state(state.acc_grads, 'gradient accumulator', params)
 
     def inner(g, inner_state):
       return self._opt.update(g, inner_state, params, **extra_args)
@@ -276,24 +326,27 @@ class MultiSteps:
                                 'accumulation', impl=self._key)
     ps = leaves.draw(cycle_key)  # once, for compression and decompression
     accs = _accumulate(leaves, ps, leaves.flatten(updates),
-                       leaves.flatten(state.acc_grads), state.mini_step,
-                       self._use_grad_mean)
+                       leaves.load(leaves.flatten(state.acc_grads)),
+                       state.mini_step, self._use_grad_mean)
     emit = state.mini_step == k_steps - 1
 
     def emit_update(accs, inner_state):
       mean = leaves.unflatten(leaves.decompress(accs, ps))
       new_updates, new_inner = inner(optax.tree.cast_like(mean, updates),
                                      inner_state)
-      zeros = [jnp.zeros_like(a, acc_dtype) for a in accs]
+      zeros = [jnp.zeros_like(a) for a in accs]
       return new_updates, _cast_dtypes(new_inner, inner_state), zeros
 
     def hold(accs, inner_state):
-      return (_zero_updates(inner, updates, inner_state), inner_state,
-              [jnp.astype(a, acc_dtype) for a in accs])
+      return _zero_updates(inner, updates, inner_state), inner_state, accs
 
     # The inner optimizer runs on the last micro-step only.
     new_updates, new_inner, new_accs = jax.lax.cond(
         emit, emit_update, hold, accs, state.inner_opt_state)
+    new_accs = leaves.store(
+        new_accs, acc_dtype,
+        _rounding_key(self._quantizer, state.key, state.gradient_step,
+                      state.mini_step, self._key))
     return new_updates, MultiStepsState(
         mini_step=optax.safe_increment(state.mini_step) % k_steps,
         gradient_step=jnp.where(emit,
@@ -327,6 +380,11 @@ def accumulate_gradients(
     use_grad_mean: bool = True,
     accumulator_dtype: jax.typing.DTypeLike = jnp.float32,
     has_aux: bool = False,
+    bits: int | None = None,
+    block_size: int | None = None,
+    code_map: str | None = None,
+    min_quantized_size: int | None = None,
+    stochastic_rounding: bool | None = None,
 ) -> Any:
   r"""Accumulates micro-batch gradients as sketches in a ``lax.scan``.
 
@@ -361,6 +419,13 @@ def accumulate_gradients(
     use_grad_mean: return the mean (``True``) or the sum of the gradients.
     accumulator_dtype: dtype of the sketches carried through the scan.
     has_aux: whether ``grad_fn`` returns ``(grads, aux)``.
+    bits: ``None`` (float sketches in ``accumulator_dtype``), ``8`` or ``4``:
+      carry the accumulators through the scan as block-wise codes (see
+      :class:`MultiSteps`).
+    block_size: see :class:`MultiSteps`.
+    code_map: see :class:`MultiSteps`.
+    min_quantized_size: see :class:`MultiSteps`.
+    stochastic_rounding: see :class:`MultiSteps` (``None``: on).
 
   Returns:
     The decompressed mean (or sum) gradient, in the dtypes ``grad_fn``
@@ -396,28 +461,49 @@ def accumulate_gradients(
                     f'{type(projector).__name__}.')
   _checks.check_bool(use_grad_mean, 'use_grad_mean')
   acc_dtype = _checks.check_float_dtype(accumulator_dtype, 'accumulator_dtype')
+  _checks.check_quantization(bits, block_size, code_map, min_quantized_size,
+                             stochastic_rounding)
+  quantizer = _quantization.make_quantizer(
+      bits, block_size, code_map,
+      DEFAULT_ACCUMULATOR_ROUNDING if stochastic_rounding is None
+      else stochastic_rounding, min_quantized_size)
   key = _keys.typed_key(key)
   k = _checks.check_micro_batches(micro_batches)
 
   first = jax.tree.map(lambda x: x[0], micro_batches)
   out_shapes = jax.eval_shape(grad_fn, params, first)
   grad_shapes = out_shapes[0] if has_aux else out_shapes
-  leaves = Leaves.of(projector, grad_shapes)
+  leaves = Leaves.of(projector, grad_shapes, quantizer=quantizer)
   # Drawn once, outside the loop, and shared by every micro-batch.
   ps = leaves.draw(_keys.cycle_key(key, step, 'accumulation'))
 
-  def body(accs, xs):
-    n, batch = xs
+  def add(accs, n, batch):
     out = grad_fn(params, batch)
     grads, aux = out if has_aux else (out, None)
-    accs = _accumulate(leaves, ps, leaves.flatten(grads), accs, n,
-                       use_grad_mean)
-    return [jnp.astype(a, acc_dtype) for a in accs], aux
+    accs = _accumulate(leaves, ps, leaves.flatten(grads), leaves.load(accs),
+                       n, use_grad_mean)
+    return accs, aux
 
-  accs0 = [_sharding.sketch_zeros(plan, x, acc_dtype)
-           for plan, x in zip(leaves.plans, leaves.flatten(grad_shapes))]
-  accs, aux = jax.lax.scan(body, accs0,
-                           (jnp.arange(k, dtype=jnp.int32), micro_batches))
+  def body(accs, xs):
+    accs, aux = add(accs, *xs)
+    return leaves.store(accs, acc_dtype,
+                        _rounding_key(quantizer, key, step, xs[0], None)), aux
+
+  accs0 = leaves.flatten(_leaves.sketch_zeros(projector, grad_shapes,
+                                              acc_dtype, quantizer))
+  steps = (jnp.arange(k, dtype=jnp.int32), micro_batches)
+  if quantizer is None:
+    accs, aux = jax.lax.scan(body, accs0, steps)
+  else:
+    # The last micro-batch is added in float and not stored, as in
+    # MultiSteps (which hands this float mean to its inner optimizer).
+    accs, aux = jax.lax.scan(body, accs0,
+                             jax.tree.map(lambda x: x[:-1], steps))
+    accs, last = add(accs, *jax.tree.map(lambda x: x[-1], steps))
+    if has_aux:
+      aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), aux,
+                         last)
+  accs = leaves.load(accs)
   grads = [jnp.astype(g, x.dtype) for g, x in zip(
       leaves.decompress(accs, ps), leaves.flatten(grad_shapes))]
   grads = leaves.unflatten(grads)

@@ -47,6 +47,11 @@ def flora(
     dimension_numbers: DimensionNumbersSpec = None,
     transfer: Transfer = 'unbiased',
     residual: bool = DEFAULT_RESIDUAL,
+    bits: int | None = None,
+    block_size: int | None = None,
+    code_map: str | None = None,
+    min_quantized_size: int | None = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor with Flora-compressed momentum.
 
@@ -65,7 +70,8 @@ def flora(
     learning_rate: a float or an ``optax`` schedule; ``None`` leaves updates
       unscaled (as in ``optax.adafactor``).
     rank: the rank of the momentum sketches: an int or a callable ``(path,
-      leaf) -> int | None`` (see :class:`Projector`).
+      leaf) -> int | None`` (see :class:`Projector`); ``None`` projects no
+      leaf (with ``bits``, a quantized dense momentum).
     resample_every: steps between fresh projections; ``None`` never resamples.
     momentum: the momentum decay ``β``; ``None`` disables momentum (plain
       Adafactor, nothing compressed).
@@ -95,6 +101,14 @@ def flora(
       it sits after clipping, learning rate and parameter scale, as in
       ``optax.adafactor``. ``False``: the paper's algorithm and chain order,
       bit for bit (see :func:`compressed_momentum`).
+    bits: ``None`` (a float momentum in ``dtype_momentum``), ``8`` or ``4``:
+      the momentum (Flora's sketch, or with ``rank=None`` the dense momentum)
+      kept in block-wise 8- or 4-bit codes (see :func:`compressed_momentum`).
+      Static under ``optax.inject_hyperparams``.
+    block_size: see :func:`compressed_momentum`.
+    code_map: see :func:`compressed_momentum`.
+    min_quantized_size: see :func:`compressed_momentum`.
+    stochastic_rounding: see :func:`compressed_momentum`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -120,6 +134,14 @@ def flora(
     >>> state = opt.init(params)
     >>> state.hyperparams['momentum']
     Array(0.9, dtype=float32)
+
+    Adafactor with its momentum in 8-bit codes in every direction, no
+    projection (about a quarter of the float32 momentum's bytes):
+
+    >>> opt = flora_optax.flora(1e-2, rank=None, bits=8, min_quantized_size=0)
+    >>> mu = optax.tree.get(opt.init(params), 'mu')
+    >>> mu['w'].codes.dtype, mu['w'].codes.shape
+    (dtype('int8'), (256, 128))
 
   References:
     Hao, Cao and Mou, `Flora: Low-Rank Adapters Are Secretly Gradient
@@ -156,6 +178,11 @@ def make_flora(
     dimension_numbers: DimensionNumbersSpec = None,
     transfer: Transfer = 'unbiased',
     residual: bool = DEFAULT_RESIDUAL,
+    bits: int | None = None,
+    block_size: int | None = None,
+    code_map: str | None = None,
+    min_quantized_size: int | None = None,
+    stochastic_rounding: bool = False,
     momentum_position: str | None = None,
     subspace_scale: str = DEFAULT_SUBSPACE_SCALE,
 ) -> optax.GradientTransformationExtraArgs:
@@ -180,6 +207,8 @@ def make_flora(
   min_dim_size_to_factor = _checks.check_min_dim_size_to_factor(
       min_dim_size_to_factor)
   # Checked here so that errors name flora's arguments, not the inner ones.
+  _checks.check_quantization(bits, block_size, code_map, min_quantized_size,
+                             stochastic_rounding)
   if momentum is not None:
     _checks.check_decay(momentum, 'momentum')
     _checks.check_float_dtype(dtype_momentum, 'dtype_momentum')
@@ -201,6 +230,11 @@ def make_flora(
         dimension_numbers=dimension_numbers,
         transfer=transfer,
         residual=residual,
+        bits=bits,
+        block_size=block_size,
+        code_map=code_map,
+        min_quantized_size=min_quantized_size,
+        stochastic_rounding=stochastic_rounding,
         subspace_scale=subspace_scale)
   if momentum_tx is not None and momentum_position == 'paper':
     tx.append(momentum_tx)

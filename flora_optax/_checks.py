@@ -68,16 +68,16 @@ def check_callable(value: Any, name: str, accepted: str) -> None:
 
 def check_rank(rank: Any) -> None:
   """An int ``rank`` must be positive and static; a callable is checked per
-  leaf (:func:`check_leaf_rank`)."""
-  if callable(rank):
+  leaf (:func:`check_leaf_rank`); ``None`` compresses no leaf."""
+  if callable(rank) or rank is None:
     return
   if _is_array(rank):
     raise TypeError(
         '`rank` must be a Python int or a callable (path, leaf) -> int | None, '
         f'got an array ({rank!r}). ' + static_hint('rank'))
   if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-    raise TypeError('`rank` must be a positive int or a callable '
-                    f'(path, leaf) -> int | None, got {rank!r}.')
+    raise TypeError('`rank` must be a positive int, None (no projection) or '
+                    f'a callable (path, leaf) -> int | None, got {rank!r}.')
   if rank <= 0:
     raise ValueError(f'`rank` must be a positive int, got {rank}.')
 
@@ -176,6 +176,48 @@ def check_float_dtype(value: Any, name: str) -> jnp.dtype:
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f'`{name}` must be a floating dtype, got {value!r}.')
   return dtype
+
+
+def check_bits(bits: Any, name: str = 'bits') -> None:
+  """``None`` (float states), 8 or 4, as a static Python int."""
+  if bits is None:
+    return
+  if _is_array(bits):
+    raise TypeError(f'`{name}` must be None, 8 or 4 as a Python int, got an '
+                    f'array ({bits!r}). ' + static_hint('rank', name))
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+    raise TypeError(f'`{name}` must be None, 8 or 4, got {bits!r}.')
+  if int(bits) not in (8, 4):
+    raise ValueError(f'`{name}` must be None, 8 or 4, got {int(bits)}.')
+
+
+def check_quantization(bits: Any, block_size: Any, code_map: Any,
+                       min_quantized_size: Any,
+                       stochastic_rounding: Any) -> None:
+  """The quantization keywords; each but ``bits`` only applies with it."""
+  check_bits(bits)
+  given = {'block_size': block_size, 'code_map': code_map,
+           'min_quantized_size': min_quantized_size}
+  for name, value in given.items():
+    if value is not None and bits is None:
+      raise ValueError(f'`{name}` only applies to quantized states: pass '
+                       f'`bits` (8 or 4) too, got bits=None and {name}='
+                       f'{value!r}.')
+  for name in ('block_size', 'min_quantized_size'):
+    value, low = given[name], 1 if name == 'block_size' else 0
+    if value is None:
+      continue
+    if _is_array(value) or isinstance(value, bool) or not isinstance(
+        value, (int, np.integer)):
+      raise TypeError(f'`{name}` must be an int >= {low} or None, got '
+                      f'{value!r}. ' + static_hint('rank', 'bits', name))
+    if value < low:
+      raise ValueError(f'`{name}` must be an int >= {low} or None, got '
+                       f'{value}.')
+  if code_map is not None:
+    check_choice(code_map, 'code_map', ('linear', 'sqrt'))
+  if stochastic_rounding is not None:
+    check_bool(stochastic_rounding, 'stochastic_rounding')
 
 
 def check_transformation(value: Any, name: str) -> None:
@@ -421,7 +463,9 @@ def check_like_params(updates: Any, params: Any) -> None:
 def check_sketches(plans: Any,
                    sketches: Any,
                    what: str = 'state',
-                   params: Any = None) -> None:
+                   params: Any = None,
+                   stored_shape: Callable[[Any], Any] | None = None,
+                   is_stored: Callable[[Any], bool] | None = None) -> None:
   """Checks at trace time that stored sketches fit the plans of an update.
 
   An update whose leaf shapes differ from the params given to ``init`` would
@@ -434,18 +478,33 @@ def check_sketches(plans: Any,
     sketches: the tree held in the state (built at ``init``).
     what: the name of that tree in the error message.
     params: the ``params`` passed to ``update`` (or None).
+    stored_shape: ``plan -> shape`` of what the state stores for a leaf: the
+      sketch's shape (the default), or for a quantized state a tuple of the
+      shapes of its arrays.
+    is_stored: tells a quantized state (codes and scales), which stands for
+      one leaf.
   """
-  check_same_tree(plans, sketches, 'updates')
+  if stored_shape is None:
+    stored_shape = lambda plan: plan.sketch_shape  # noqa: E731
+  if is_stored is None:
+    is_stored = lambda x: False  # noqa: E731
+  check_same_tree(plans, jax.tree.map(lambda s: 0, sketches,
+                                      is_leaf=is_stored), 'updates')
+
+  def shape_of(s):
+    if is_stored(s):
+      return tuple(tuple(a.shape) for a in s)
+    return tuple(s.shape)
 
   def f(path, plan, s):
-    if tuple(s.shape) != plan.sketch_shape:
+    want, got = stored_shape(plan), shape_of(s)
+    if got != want:
       raise ValueError(
           f'Leaf {leaf_name(path)}: an update of shape {plan.shape} needs a '
-          f'{what} of shape {plan.sketch_shape}, but the {what} holds '
-          f'{tuple(s.shape)}. Updates must have the shapes of the params '
-          'given to init.')
+          f'{what} of shape {want}, but the {what} holds {got}. Updates must '
+          'have the shapes of the params given to init.')
 
-  jax.tree_util.tree_map_with_path(f, plans, sketches)
+  jax.tree_util.tree_map_with_path(f, plans, sketches, is_leaf=is_stored)
   if params is not None and (jax.tree.structure(params) ==
                              jax.tree.structure(plans)):
     check_like_params(plans, params)

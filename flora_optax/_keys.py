@@ -48,6 +48,9 @@ from flora_optax._types import ImplLike, KeyLike
 # Distinct constants folded into the root key per use of the projections.
 MOMENTUM_PURPOSE = 0x6D6F6D  # 'mom'
 ACCUMULATION_PURPOSE = 0x616363  # 'acc'
+# The noise of stochastic rounding of quantized states (never a projection).
+MOMENTUM_ROUNDING_PURPOSE = 0x6D726E  # 'mrn'
+ACCUMULATION_ROUNDING_PURPOSE = 0x61726E  # 'arn'
 
 def _is_typed(key: Any) -> bool:
   return isinstance(key, jax.Array) and jax.dtypes.issubdtype(
@@ -155,7 +158,9 @@ def leaf_key(step_key: jax.Array, path: Any) -> jax.Array:
   return jax.random.fold_in(step_key, leaf_id(path))
 
 
-_PURPOSES = {'momentum': MOMENTUM_PURPOSE, 'accumulation': ACCUMULATION_PURPOSE}
+_PURPOSES = {'momentum': MOMENTUM_PURPOSE, 'accumulation': ACCUMULATION_PURPOSE,
+             'momentum_rounding': MOMENTUM_ROUNDING_PURPOSE,
+             'accumulation_rounding': ACCUMULATION_ROUNDING_PURPOSE}
 
 
 def cycle_key(key: KeyLike, cycle: jax.typing.ArrayLike,
@@ -172,7 +177,11 @@ def cycle_key(key: KeyLike, cycle: jax.typing.ArrayLike,
       ``uint32`` key data).
     cycle: the resample cycle of :func:`compressed_momentum` (``(t - 1) //
       resample_every``) or the ``gradient_step`` of :class:`MultiSteps`.
-    purpose: ``'momentum'`` or ``'accumulation'``.
+    purpose: ``'momentum'`` or ``'accumulation'`` (projections), or
+      ``'momentum_rounding'`` / ``'accumulation_rounding'`` (the noise of
+      stochastic rounding of quantized states: in step ``t`` of the
+      momentum, or micro-step ``i`` of accumulation cycle ``j`` with
+      ``cycle = j`` and ``fold_in(·, i)``; per leaf ``fold_in(·, leaf_id)``).
     impl: the PRNG implementation of an int seed or raw key data (e.g. the
       ``key`` field of a state): a name such as ``'rbg'``, or a typed key
       whose implementation to use, such as the typed key the optimizer was

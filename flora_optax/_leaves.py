@@ -5,7 +5,14 @@ and :class:`Projector` all go through :class:`Leaves`: one flat view of a tree
 with each leaf's plan, compute dtype and sharding, and one place where the
 projections of a cycle are drawn, where leaves are compressed and
 decompressed, and where zero sketches (with their Flax NNX metadata) are
-made. That is why ``accumulate_gradients`` and ``MultiSteps`` agree bit for
+made.
+
+It holds both compressors: the projection (a leaf's ``LeafPlan``: its state
+is a sketch) and the quantization of the stored state (a ``Quantizer``: the
+sketch, or the dense state, kept as block-wise codes). A transformation
+loads its state to float (:meth:`Leaves.load`), does its float math, and
+stores the result (:meth:`Leaves.store`); with ``quantizer=None`` these are the
+casts the float states always had. That is why ``accumulate_gradients`` and ``MultiSteps`` agree bit for
 bit, and why ``Projector.compress(g, cycle_key(key, c))`` reproduces what the
 optimizers compute: they share this code, not a convention.
 """
@@ -19,10 +26,13 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding
 
+from flora_optax import _checks
+from flora_optax import _keys
 from flora_optax import _nnx
 from flora_optax import _projection
 from flora_optax import _sharding
 from flora_optax._projection import Item, LeafPlan
+from flora_optax._quantization import QuantizedArray, Quantizer, is_quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +45,18 @@ class Leaves:
       leaf's own, at least float32 (:func:`_projection.compute_dtype`).
     shardings: per leaf its sharding on an Explicit-axes mesh, or None.
     projection: the projection type the leaves are drawn with.
+    quantizer: how stored states are quantized (None: float states).
   """
 
   treedef: Any
   items: tuple[Item, ...]
   shardings: tuple[NamedSharding | None, ...]
   projection: str
+  quantizer: Quantizer | None = None
 
   @classmethod
-  def of(cls, projector: Any, like: Any, dtypes_of: Any = None) -> 'Leaves':
+  def of(cls, projector: Any, like: Any, dtypes_of: Any = None,
+         quantizer: Quantizer | None = None) -> 'Leaves':
     """The leaves of ``like`` (arrays or ShapeDtypeStructs) as ``projector``
     compresses them; compute dtypes from ``dtypes_of`` (default ``like``)."""
     flat, treedef = _projection.flatten_plans(projector.plan(like))
@@ -53,7 +66,7 @@ class Leaves:
                   for (path, plan), x in zip(flat, typed))
     return cls(treedef, items,
                tuple(_sharding.explicit_sharding(x) for x in likes),
-               projector.projection)
+               projector.projection, quantizer)
 
   @property
   def plans(self) -> list[LeafPlan]:
@@ -65,6 +78,45 @@ class Leaves:
 
   def flatten(self, tree: Any) -> list[Any]:
     return self.treedef.flatten_up_to(tree)
+
+  # --- stored states: float, or quantized ----------------------------------
+  def quantized(self, plan: LeafPlan) -> bool:
+    """Whether the stored state of a leaf with this plan is quantized."""
+    return (self.quantizer is not None and
+            self.quantizer.quantizes(plan.sketch_shape))
+
+  def stored_shape(self, plan: LeafPlan) -> Any:
+    """The shape of a leaf's stored state (codes' and scales' if quantized)."""
+    if self.quantized(plan):
+      return self.quantizer.shapes(plan.sketch_shape)
+    return plan.sketch_shape
+
+  def check_state(self, stored: Any, what: str, params: Any = None) -> None:
+    """Trace-time check that a stored state fits these leaves (an update
+    whose shapes differ from ``init``'s params would broadcast silently)."""
+    _checks.check_sketches(self.unflatten(self.plans), stored, what, params,
+                           self.stored_shape, is_quantized)
+
+  def load(self, stored: Sequence[Any]) -> list[jax.Array]:
+    """Stored states (sketches or dense) as floats in the compute dtype."""
+    return [
+        self.quantizer.decode(s, plan.sketch_shape, dtype)
+        if isinstance(s, QuantizedArray) else s.astype(dtype)
+        for (_, plan, dtype), s in zip(self.items, stored)
+    ]
+
+  def store(self, values: Sequence[jax.Array], dtype: Any,
+            key: jax.Array | None = None) -> list[Any]:
+    """Float states as they are stored: quantized where :meth:`quantized`,
+    else cast to ``dtype``. ``key`` (typed) draws stochastic rounding's
+    noise, per leaf ``leaf_key(key, path)`` as the projections."""
+    q = self.quantizer
+    return [
+        q.encode(v, _keys.leaf_key(key, path)
+                 if q.stochastic_rounding else None)
+        if self.quantized(plan) else v.astype(dtype)
+        for (path, plan, _), v in zip(self.items, values)
+    ]
 
   def unflatten(self, leaves: Sequence[Any]) -> Any:
     return self.treedef.unflatten(leaves)
@@ -96,13 +148,22 @@ class Leaves:
     ]
 
 
-def sketch_zeros(projector: Any, params: Any, dtype: Any) -> Any:
-  """Zero sketches (dense zeros for dense leaves) of ``params``'s leaves.
+def sketch_zeros(projector: Any, params: Any, dtype: Any,
+                 quantizer: Quantizer | None = None) -> Any:
+  """Zero states of ``params``'s leaves: sketches of compressed leaves, dense
+  zeros of the others, quantized where ``quantizer`` quantizes them.
 
-  Sharded like the params on an Explicit-axes mesh; under Flax NNX the
-  sketches get their params' sharding names with the rank axis replicated.
+  Sharded like the params on an Explicit-axes mesh (codes and scales like
+  the sketch); under Flax NNX the sketches get their params' sharding names
+  with the rank axis replicated.
   """
   plans = projector.plan(params)
-  zeros = jax.tree.map(lambda pl, x: _sharding.sketch_zeros(pl, x, dtype),
-                       plans, params)
-  return _nnx.fit_metadata(params, zeros, plans)
+
+  def zeros(plan, x):
+    if quantizer is None or not quantizer.quantizes(plan.sketch_shape):
+      return _sharding.sketch_zeros(plan, x, dtype)
+    return quantizer.zeros(
+        plan.sketch_shape,
+        lambda shape, dt: _sharding.sketch_zeros(plan, x, dt, shape))
+
+  return _nnx.fit_metadata(params, jax.tree.map(zeros, plans, params), plans)

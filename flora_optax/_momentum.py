@@ -14,6 +14,7 @@ from flora_optax import _checks
 from flora_optax import _keys
 from flora_optax import _leaves
 from flora_optax import _projection
+from flora_optax import _quantization
 from flora_optax._projector import Projector
 from flora_optax._types import (TRANSFERS, DimensionNumbersSpec, KeyLike,
                                 Projection, RankFn, Side, Transfer)
@@ -34,7 +35,9 @@ class CompressedMomentumState(NamedTuple):
       transfers the sketches from the projection they are really in.
     key: raw ``uint32`` key data the projections derive from.
     mu: per leaf, the momentum sketch (compressed leaves) or the dense first
-      moment (other leaves), in ``accumulator_dtype``.
+      moment (other leaves), in ``accumulator_dtype``; with ``bits`` set, a
+      :class:`QuantizedArray` (codes and block scales) for every leaf of at
+      least ``min_quantized_size`` entries.
   """
 
   count: jax.Array  # shape=(), dtype=jnp.int32
@@ -92,6 +95,11 @@ def compressed_momentum(
     dimension_numbers: DimensionNumbersSpec = None,
     transfer: Transfer = 'unbiased',
     residual: bool = DEFAULT_RESIDUAL,
+    bits: int | None = None,
+    block_size: int | None = None,
+    code_map: str | None = None,
+    min_quantized_size: int | None = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""An exponential moving average of updates kept as a random sketch.
 
@@ -144,6 +152,16 @@ def compressed_momentum(
   the state keeps the cycle its sketches are in, and the first step in another
   cycle transfers them from that cycle's projection.
 
+  Quantized states (``bits=8`` or ``4``): the stored momentum (the sketch, or
+  with ``rank=None`` the dense momentum of every leaf) is kept as block-wise
+  codes, one float32 absmax per block of ``block_size`` entries along its
+  last axis. Each step decodes it, runs the float32 math above, outputs the
+  update from this float32 value, and encodes the new momentum. Measured at
+  the bytes of a ``d/r = 4`` sketch, full-rank 8-bit momentum trains like
+  float32 momentum where the sketch recovers part of its benefit (README,
+  "Quantized states"). ``rank`` and ``bits`` compose: ``rank=r, bits=8``
+  stores Flora's sketch in 8 bits.
+
   Limits: the step counter is ``int32`` and saturates at ``2**31 - 1``; from
   then on the cycle, and so the projection, stays fixed (no more transfers).
   A non-finite gradient entry poisons its line of the sketch (the entries
@@ -153,7 +171,8 @@ def compressed_momentum(
 
   Args:
     rank: the rank, an int or a callable ``(path, leaf) -> int | None`` (see
-      :class:`Projector`).
+      :class:`Projector`); ``None`` compresses no leaf (a dense momentum,
+      quantized with ``bits``).
     decay: the EMA decay ``β`` in ``[0, 1)``.
     resample_every: ``κ``, steps per projection; ``None`` never resamples.
     nesterov: use the Nesterov-style output.
@@ -168,6 +187,19 @@ def compressed_momentum(
     residual: output the momentum inside the subspace plus the current
       update outside it (``True``, the default), or the paper's decompressed
       sketch (``False``, Algorithm 2 bit for bit).
+    bits: ``None`` (float states in ``accumulator_dtype``), ``8`` or ``4``:
+      store the momentum in block-wise 8- or 4-bit codes (4-bit codes packed
+      two to a byte). Static: under ``optax.inject_hyperparams`` list it in
+      ``static_args``.
+    block_size: entries per block (one float32 scale each) along the last
+      axis; ``None``: 256 for 8 bits, 128 for 4 bits.
+    code_map: ``'sqrt'`` (companded, finer near zero; the default) or
+      ``'linear'``.
+    min_quantized_size: leaves whose state has fewer entries stay in
+      ``accumulator_dtype``; ``None``: 4096.
+    stochastic_rounding: round codes at random, unbiased in value, with noise
+      derived from ``key`` and the step (measured worse than nearest rounding
+      for an EMA, so off by default).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -194,6 +226,16 @@ def compressed_momentum(
     >>> bool(jnp.allclose(out['w'], grads['w'], atol=1e-5))
     True
 
+    Momentum in 8-bit codes, every direction kept (``rank=None``); leaves
+    under ``min_quantized_size`` entries stay float32:
+
+    >>> tx = flora_optax.compressed_momentum(None, bits=8)
+    >>> mu = tx.init({'w': jnp.zeros((256, 512)), 'b': jnp.zeros((512,))}).mu
+    >>> mu['w'].codes.dtype, mu['w'].codes.shape, mu['w'].scales.shape
+    (dtype('int8'), (256, 512), (256, 2))
+    >>> mu['b'].dtype
+    dtype('float32')
+
   References:
     Hao, Cao and Mou, `Flora: Low-Rank Adapters Are Secretly Gradient
     Compressors <https://arxiv.org/abs/2402.03293>`_, ICML 2024.
@@ -204,12 +246,20 @@ def compressed_momentum(
 
     Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
     Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024.
+
+    Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+    <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
+
+    Li, Chen and Zhu, `Memory Efficient Optimizers with 4-bit States
+    <https://arxiv.org/abs/2309.01507>`_, NeurIPS 2023.
   """
   return make_compressed_momentum(
       rank, decay=decay, resample_every=resample_every, nesterov=nesterov,
       key=key, accumulator_dtype=accumulator_dtype, projection=projection,
       side=side, dimension_numbers=dimension_numbers, transfer=transfer,
-      residual=residual)
+      residual=residual, bits=bits, block_size=block_size, code_map=code_map,
+      min_quantized_size=min_quantized_size,
+      stochastic_rounding=stochastic_rounding)
 
 
 def make_compressed_momentum(
@@ -225,6 +275,11 @@ def make_compressed_momentum(
     dimension_numbers: DimensionNumbersSpec = None,
     transfer: Transfer = 'unbiased',
     residual: bool = DEFAULT_RESIDUAL,
+    bits: int | None = None,
+    block_size: int | None = None,
+    code_map: str | None = None,
+    min_quantized_size: int | None = None,
+    stochastic_rounding: bool = False,
     subspace_scale: str = DEFAULT_SUBSPACE_SCALE,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`compressed_momentum` with the measured choices as arguments.
@@ -246,6 +301,10 @@ def make_compressed_momentum(
   _checks.check_bool(nesterov, 'nesterov')
   _checks.check_bool(residual, 'residual')
   acc_dtype = _checks.check_float_dtype(accumulator_dtype, 'accumulator_dtype')
+  _checks.check_quantization(bits, block_size, code_map, min_quantized_size,
+                             stochastic_rounding)
+  quantizer = _quantization.make_quantizer(
+      bits, block_size, code_map, stochastic_rounding, min_quantized_size)
   # In residual mode with the projection scale the state's momentum is
   # ``Π M`` and a transfer projects it onto the new subspace, a contraction.
   projected_state = residual and subspace_scale == 'projection'
@@ -254,7 +313,7 @@ def make_compressed_momentum(
     plans = projector.plan(params)
     if not projected_state:
       _warn_unstable(plans, decay, resample_every, transfer)
-    mu = _leaves.sketch_zeros(projector, params, acc_dtype)
+    mu = _leaves.sketch_zeros(projector, params, acc_dtype, quantizer)
     # Two arrays, not one: a jitted step that donates the state would
     # otherwise donate one buffer twice.
     return CompressedMomentumState(
@@ -309,17 +368,15 @@ def make_compressed_momentum(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    leaves = _leaves.Leaves.of(projector, updates)
+    leaves = _leaves.Leaves.of(projector, updates, quantizer=quantizer)
     # Trace-time checks: a mismatched tree would broadcast silently.
-    _checks.check_sketches(leaves.unflatten(leaves.plans), state.mu,
-                           'momentum state', params)
+    leaves.check_state(state.mu, 'momentum state', params)
     del params
     count, cycle, new_cycle = cycles(state)
     cycle_key = lambda c: _keys.cycle_key(  # noqa: E731
         state.key, c, 'momentum', impl=typed_key)
     gs = leaves.flatten(updates)
-    ms = [m.astype(dt) for m, dt in zip(leaves.flatten(state.mu),
-                                         leaves.dtypes)]
+    ms = leaves.load(leaves.flatten(state.mu))
     ps = leaves.draw(cycle_key(cycle))
 
     if new_cycle is not None and any(p is not None for p in ps):
@@ -349,8 +406,13 @@ def make_compressed_momentum(
         new_m = (1 - decay) * s + decay * m
         out = output(plan, g32, s, new_m, p, sh, inv)
       outs.append(out.astype(g.dtype))
-      new_ms.append(new_m.astype(acc_dtype))
+      new_ms.append(new_m)
+    rounding = None
+    if quantizer is not None and quantizer.stochastic_rounding:
+      rounding = _keys.cycle_key(state.key, count, 'momentum_rounding',
+                                 impl=typed_key)
+    new_mu = leaves.store(new_ms, acc_dtype, rounding)
     return leaves.unflatten(outs), CompressedMomentumState(
-        count=count, cycle=cycle, key=state.key, mu=leaves.unflatten(new_ms))
+        count=count, cycle=cycle, key=state.key, mu=leaves.unflatten(new_mu))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

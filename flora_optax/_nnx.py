@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from flora_optax import _sharding
+from flora_optax._quantization import QuantizedArray
 
 # Metadata keys under which NNX keeps a Variable's per-axis sharding names.
 _SHARDING_KEYS = ('out_sharding', 'sharding_names', 'optimizer_sharding')
@@ -49,22 +50,38 @@ def fit_metadata(params: Any, tree: Any, plans: Any = None) -> Any:
   if not any(is_var(x) for x in jax.tree.leaves(params, is_leaf=is_var)):
     return tree
 
-  def fit(p, s, plan=None):
-    if not (is_var(p) and is_var(s)):
-      return s
-    value = s.get_value()
-    if np.shape(value) == np.shape(p.get_value()):
-      return s
-    plan = plan.get_value() if is_var(plan) else plan
-    if (plan is None or not hasattr(plan, 'sketch_shape') or plan.dense or
-        np.shape(value) != plan.sketch_shape):
-      return value
+  mesh = jax.sharding.get_abstract_mesh()
+  axis_sizes = ({} if mesh.empty else
+                dict(zip(mesh.axis_names, mesh.axis_sizes)))
+
+  def with_names(s, value, plan):
+    """``value`` in ``s``'s Variable type, sharded like ``plan``'s sketch
+    (names that do not divide ``value``'s axes dropped)."""
     metadata = dict(s.get_metadata())
     for k in _SHARDING_KEYS:
       names = metadata.get(k)
       if isinstance(names, (tuple, list)) and len(names) == len(plan.shape):
-        metadata[k] = tuple(_sharding.sketch_spec(plan, PartitionSpec(*names)))
+        names = tuple(_sharding.sketch_spec(plan, PartitionSpec(*names)))
+        metadata[k] = _sharding.fit_names(names, np.shape(value), axis_sizes)
     return type(s)(value, **metadata)
+
+  def fit(p, s, plan=None):
+    if not (is_var(p) and is_var(s)):
+      return s
+    value = s.get_value()
+    plan = plan.get_value() if is_var(plan) else plan
+    is_plan = plan is not None and hasattr(plan, 'sketch_shape')
+    if isinstance(value, QuantizedArray):
+      # Codes and block scales have the sketch's axes (the last one shorter):
+      # each is sharded as the sketch is.
+      if not is_plan:
+        return value
+      return QuantizedArray(*(with_names(s, v, plan) for v in value))
+    if np.shape(value) == np.shape(p.get_value()):
+      return s
+    if (not is_plan or plan.dense or np.shape(value) != plan.sketch_shape):
+      return value
+    return with_names(s, value, plan)
 
   if plans is None:
     return jax.tree.map(fit, params, tree, is_leaf=is_var)

@@ -259,7 +259,7 @@ class LeafPlan:
 # --- planning --------------------------------------------------------------------
 
 
-def plan_leaf(path: KeyPath, leaf: Any, rank: int | RankFn, side: Side,
+def plan_leaf(path: KeyPath, leaf: Any, rank: int | RankFn | None, side: Side,
               dn: DimensionNumbers | None, dn_given: bool) -> LeafPlan:
   """The :class:`LeafPlan` of one leaf (an array or a ShapeDtypeStruct).
 
@@ -272,7 +272,7 @@ def plan_leaf(path: KeyPath, leaf: Any, rank: int | RankFn, side: Side,
   ndim = len(shape)
   # An explicit DimensionNumbers for a scalar or vector can not fit: it is
   # checked below (and refused) rather than silently ignored.
-  if (dn_given and dn is None) or (ndim < 2 and not dn_given):
+  if rank is None or (dn_given and dn is None) or (ndim < 2 and not dn_given):
     return LeafPlan(shape)
   if dn is None:
     rows, cols = (ndim - 2,), (ndim - 1,)

@@ -31,6 +31,7 @@ compressing the unsharded one, see ``side``) costs none.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -136,10 +137,41 @@ def zeros(shape: tuple[int, ...], dtype: Any,
   return jnp.zeros(shape, dtype, out_sharding=sharding)
 
 
-def sketch_zeros(plan: Any, like: Any, dtype: Any) -> jax.Array:
-  """Zeros of ``plan``'s sketch shape, sharded like ``like`` if it is typed."""
-  return zeros(plan.sketch_shape, dtype,
-               derived(explicit_sharding(like), plan, sketch_spec))
+def fit_names(names: Any, shape: tuple[int, ...],
+              axis_sizes: dict[str, int]) -> tuple[Any, ...]:
+  """Per-axis mesh names with those that do not divide their axis dropped.
+
+  The codes and block scales of a quantized state have the state's axes but
+  a shorter last one: e.g. one block scale on an axis sharded four ways is
+  replicated there instead.
+  """
+  names = tuple(names) + (None,) * (len(shape) - len(names))
+
+  def fits(entry, n):
+    if entry is None:
+      return True
+    group = entry if isinstance(entry, tuple) else (entry,)
+    return n % math.prod(axis_sizes.get(a, 1) for a in group) == 0
+
+  return tuple(e if fits(e, n) else None for e, n in zip(names, shape))
+
+
+def sketch_zeros(plan: Any, like: Any, dtype: Any,
+                 shape: tuple[int, ...] | None = None) -> jax.Array:
+  """Zeros of ``plan``'s sketch shape, sharded like ``like`` if it is typed.
+
+  ``shape`` (default the sketch's) is that of an array with the sketch's axes
+  and sharding, e.g. the codes or the block scales of a quantized sketch
+  (mesh axes that do not divide its axes are dropped, see :func:`fit_names`).
+  """
+  sharding = derived(explicit_sharding(like), plan, sketch_spec)
+  if shape is None:
+    return zeros(plan.sketch_shape, dtype, sharding)
+  if sharding is not None:
+    mesh = sharding.mesh
+    sharding = NamedSharding(mesh, PartitionSpec(*fit_names(
+        sharding.spec, shape, dict(zip(mesh.axis_names, mesh.axis_sizes)))))
+  return zeros(shape, dtype, sharding)
 
 
 def zeros_of(shape: jax.ShapeDtypeStruct) -> jax.Array:

@@ -199,3 +199,19 @@ def test_quality_best_lr_skips_diverged_runs():
   losses = [[1.0, 1.2], [0.9, float('nan')], [0.95, 0.97]]
   assert quality.best_lr(lrs, losses) == 2  # the NaN run does not win
   assert quality.best_lr(lrs, [[3.0, 3.0], [2.0, 2.0], [1.0, 1.0]]) == 2
+
+
+def test_quantized_quick_run():
+  from benchmarks import quantized  # pylint: disable=g-import-not-at-top
+  res = quantized.run(quick=True, log=lambda *_: None)
+  text = quantized.markdown(res)
+  assert '## Targets' in text and 'rank=None bits=8' in text
+  # The measured state bytes equal the codes' formula, for every row.
+  assert all(r['formula_rel_err'] == 0 for r in res['state']), res['state']
+  st = {r['optimizer']: r['state_bytes'] for r in res['state']}
+  base = st[quantized.BASELINE]
+  assert st['flora rank=None bits=4'] < st['flora rank=None bits=8'] < base
+  leaf = [t for t in res['targets'] if '768×3072' in t['target']]
+  assert len(leaf) == 2 and all(t['met'] for t in leaf)
+  assert {r['family'] for r in res['multisteps']} >= {
+      'optax.MultiSteps', 'flora.MultiSteps bits=8'}

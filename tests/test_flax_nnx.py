@@ -47,8 +47,18 @@ class MLP(nnx.Module):
     return self.l2(nnx.relu(self.l1(x)))
 
 
+# Quantized momentum: blocks of 4 so that each shard of the 16-wide axis
+# (named 'b', 4 devices) holds whole blocks.
+_QUANTIZED = {'flora8': dict(rank=None, bits=8),
+              'flora4_sketch': dict(rank=RANK, bits=4)}
+
+
 @functools.cache
 def _tx(kind):
+  if kind in _QUANTIZED:
+    return flora_optax.flora(3e-2, resample_every=3, min_dim_size_to_factor=4,
+                             multiply_by_parameter_scale=False, block_size=4,
+                             min_quantized_size=0, **_QUANTIZED[kind])
   base = flora_optax.flora(3e-2, rank=RANK, resample_every=3,
                            min_dim_size_to_factor=4,
                            multiply_by_parameter_scale=False)
@@ -155,4 +165,28 @@ def test_with_partitioning_shards_sketches_on_their_kept_axis(kind, axis_type):
     assert _spec(_mu(optimizer.opt_state, kind)['l1']['kernel']) == (None, 'b')
   # Sharded training computes what unsharded training does.
   ref_params, _ = _train_optax(kind)
+  chex.assert_trees_all_close(params, ref_params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('kind', list(_QUANTIZED))
+def test_quantized_states_keep_sharding_metadata(kind):
+  # Codes and block scales have the state's axes: each gets the sharding
+  # names of what it stores (the param's, or the sketch's), applied eagerly.
+  with jax.set_mesh(_mesh(AxisType.Explicit)):
+    model = MLP(nnx.Rngs(0), partitioned=True)
+    optimizer = nnx.Optimizer(model, _tx(kind), wrt=nnx.Param)
+    q = _mu(optimizer.opt_state, kind)['l1']['kernel']
+    assert isinstance(q, flora_optax.QuantizedArray)
+    names = ('a', 'b') if kind == 'flora8' else (None, 'b')
+    for part in q:
+      assert part.get_metadata()['out_sharding'] == names
+      assert _spec(part) == names
+    if kind == 'flora8':
+      assert q.codes.shape == (8, 16) and q.codes[...].dtype == jnp.int8
+    else:
+      assert q.codes.shape == (RANK, 8) and q.codes[...].dtype == jnp.uint8
+    params = _train_nnx(model, optimizer, STEPS)
+    q = _mu(optimizer.opt_state, kind)['l1']['kernel']
+    assert _spec(q.codes) == names  # kept through training
+  ref_params, ref_state = _train_optax(kind)
   chex.assert_trees_all_close(params, ref_params, rtol=1e-5, atol=1e-6)

@@ -76,7 +76,7 @@ def test_nonpositive_rank(builder, rank):
 
 @pytest.mark.parametrize('builder', BUILDERS)
 @given(rank=st.one_of(
-    st.floats(allow_nan=True), st.text(max_size=3), st.none(), st.booleans(),
+    st.floats(allow_nan=True), st.text(max_size=3), st.booleans(),
     st.integers(1, 9).map(jnp.asarray), st.integers(1, 9).map(np.asarray)))
 @example(rank=1.5)
 @example(rank=2.0)
@@ -169,6 +169,74 @@ def test_malformed_dimension_numbers(builder, dn):
 def test_bad_key(builder, key):
   with pytest.raises((TypeError, ValueError), match='`key`'):
     BUILDERS[builder](4, key=key)
+
+
+# Builders of quantized states: every one that takes ``bits``.
+QUANTIZED_BUILDERS = {
+    'compressed_momentum': flora_optax.compressed_momentum,
+    'flora': lambda rank, **kw: flora_optax.flora(0.1, rank, **kw),
+    'MultiSteps': _multisteps,
+    'accumulate_gradients': lambda rank, **kw: flora_optax.accumulate_gradients(
+        lambda p, b: p, {'w': jnp.zeros((4, 4))}, jnp.ones((2, 3)),
+        projector=flora_optax.Projector(rank), step=0, **kw),
+}
+
+
+@pytest.mark.parametrize('builder', QUANTIZED_BUILDERS)
+@given(bits=st.one_of(st.integers(), st.booleans(), st.floats(),
+                      st.text(max_size=2), st.integers(1, 9).map(np.asarray))
+       .filter(lambda b: not (isinstance(b, int) and not isinstance(b, bool)
+                              and b in (4, 8))))
+@example(bits=True)
+@example(bits=8.0)
+@example(bits='8')
+@example(bits=2)
+@example(bits=16)
+@FEW
+def test_bad_bits(builder, bits):
+  exc = (ValueError if isinstance(bits, int) and not isinstance(bits, bool)
+         else TypeError)
+  with _raises(exc, '`bits`', 'None, 8 or 4'):
+    QUANTIZED_BUILDERS[builder](2, bits=bits)
+
+
+@pytest.mark.parametrize('builder', QUANTIZED_BUILDERS)
+@pytest.mark.parametrize('kwargs,exc,names', [
+    (dict(bits=8, block_size=0), ValueError, ('`block_size`', '>= 1')),
+    (dict(bits=4, block_size=1.5), TypeError, ('`block_size`', 'int')),
+    (dict(bits=8, block_size=jnp.asarray(64)), TypeError,
+     ('`block_size`', 'static_args')),
+    (dict(bits=8, min_quantized_size=-1), ValueError,
+     ('`min_quantized_size`', '>= 0')),
+    (dict(bits=8, code_map='log'), ValueError,
+     ('`code_map`', "'linear'", "'sqrt'")),
+    (dict(bits=8, stochastic_rounding='yes'), TypeError,
+     ('`stochastic_rounding`', 'bool')),
+    (dict(block_size=64), ValueError, ('`block_size`', '`bits`')),
+    (dict(code_map='linear'), ValueError, ('`code_map`', '`bits`')),
+    (dict(min_quantized_size=0), ValueError, ('`min_quantized_size`',
+                                              '`bits`')),
+], ids=['block-zero', 'block-float', 'block-array', 'min-size-negative',
+        'code-map', 'rounding', 'block-without-bits', 'map-without-bits',
+        'min-size-without-bits'])
+def test_bad_quantization_keywords(builder, kwargs, exc, names):
+  with _raises(exc, *names):
+    QUANTIZED_BUILDERS[builder](2, **kwargs)
+
+
+@pytest.mark.parametrize('builder', BUILDERS)
+def test_rank_none_compresses_no_leaf(builder):
+  # ``rank=None``: no projection (a full-rank state, quantized with bits).
+  tx = BUILDERS[builder](None)
+  params = {'w': jnp.ones((64, 64)), 'b': jnp.ones((3,))}
+  if builder == 'Projector':
+    assert all(pl.dense for pl in jax.tree.leaves(
+        tx.plan(params), is_leaf=lambda x: hasattr(x, 'dense')))
+    return
+  state = tx.init(params)
+  mu = optax.tree.get(state, 'mu') if builder != 'MultiSteps' else (
+      state.acc_grads)
+  assert mu['w'].shape == (64, 64)
 
 
 @pytest.mark.parametrize('builder', ['compressed_momentum', 'flora'])
@@ -454,7 +522,9 @@ def test_accumulate_gradients_rejects(fn, kwargs, exc, match):
                  id='multisteps-key-array'),
     pytest.param(flora_optax.cycle_key, dict(key=0, cycle=0, purpose='mom'),
                  ValueError, r"`purpose` must be one of \['momentum', "
-                 r"'accumulation'\], got 'mom'", id='cycle-key-purpose'),
+                 r"'accumulation', 'momentum_rounding', "
+                 r"'accumulation_rounding'\], got 'mom'",
+                 id='cycle-key-purpose'),
     pytest.param(flora_optax.cycle_key, dict(
         key=np.zeros(2, np.uint32), cycle=0, impl='rbg'), ValueError,
                  r"(?s)key data of shape \(2,\) does not fit the PRNG "

@@ -1,0 +1,242 @@
+"""Quantized optimizer states against float ones: bytes, compiled peak, time.
+
+GPT-2-small shapes, one process, every time a ratio to a baseline measured in
+the same run (interleaved medians):
+
+* momentum: ``adafactor(momentum=0.9)`` (the baseline), its bf16 momentum
+  (``dtype_momentum``), ``flora`` at rank 128 (a float sketch), and Adafactor
+  whose momentum is in 8- or 4-bit codes, in every direction
+  (``flora(rank=None, bits=...)``) or as the rank-128 sketch (``bits=8``);
+* accumulation: ``optax.MultiSteps(adafactor)`` against
+  ``flora_optax.MultiSteps(..., rank=None, bits=8 / 4)`` and the rank-128
+  float sketch, per call over a cycle of ``k`` micro-steps.
+
+State bytes are checked against the formula of the codes (``n·bits/8`` bytes
+plus 4 per block of every quantized leaf). Targets of issue 18: a 768×3072
+leaf's 8-bit state ≤ 0.26× and 4-bit ≤ 0.145× its float32 momentum;
+``flora(rank=None, bits=8)`` update ≤ 1.15× the baseline's time, compile
+≤ 1.5×, and its compiled update's peak lower than the baseline's by ≥ 0.9× the
+state it saves.
+
+Run: ``python -m benchmarks.quantized [--quick]`` (or as the ``quantized``
+part of ``python -m benchmarks``); writes ``results/quantized.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import flora_optax
+from benchmarks import common
+from benchmarks import optimizers
+from benchmarks.optimizers import BASELINE, LR, Candidate
+from flora_optax._quantization import make_quantizer
+
+NAME = 'quantized'
+RANK = 128
+K = 4
+
+
+def _formula(shapes, bits: int | None, rank: int | None) -> int:
+  """Adafactor's state plus a momentum of ``bits``-bit codes (or float32)."""
+  q = make_quantizer(bits) if bits else None
+  n = optimizers.formula_adafactor(shapes, False) + 4 + 4 + 8  # counts, key
+  for s in optimizers._leaves(shapes):  # pylint: disable=protected-access
+    shape = s
+    if rank is not None and len(s) >= 2 and min(s[-2:]) > rank:
+      plan = flora_optax.Projector(rank).plan(
+          {'x': jax.ShapeDtypeStruct(s, jnp.float32)})['x']
+      shape = plan.sketch_shape
+    n += q.nbytes(shape) if q and q.quantizes(shape) else 4 * math.prod(shape)
+  return n
+
+
+def momentum_candidates(rank: int) -> list[Candidate]:
+  base = optimizers.candidates(())[:1]  # adafactor(m=0.9)
+  make = lambda **kw: (lambda: flora_optax.flora(LR, **kw))  # noqa: E731
+  return base + [
+      Candidate('adafactor(m=0.9, bf16)', 'adafactor', None,
+                lambda: optax.adafactor(LR, momentum=0.9,
+                                        dtype_momentum=jnp.bfloat16),
+                lambda s: optimizers.formula_adafactor(s, True) - 2 * sum(
+                    math.prod(x) for x in optimizers._leaves(s))),  # pylint: disable=protected-access
+      Candidate(f'flora r={rank}', 'flora', rank, make(rank=rank),
+                lambda s: _formula(s, None, rank)),
+      Candidate('flora rank=None bits=8', 'quantized', None,
+                make(rank=None, bits=8), lambda s: _formula(s, 8, None)),
+      Candidate('flora rank=None bits=4', 'quantized', None,
+                make(rank=None, bits=4), lambda s: _formula(s, 4, None)),
+      Candidate(f'flora r={rank} bits=8', 'quantized', rank,
+                make(rank=rank, bits=8), lambda s: _formula(s, 8, rank)),
+  ]
+
+
+def multisteps_candidates(rank: int, k: int) -> list[Candidate]:
+  inner = lambda: optax.adafactor(LR)  # noqa: E731
+  ms = lambda **kw: (  # noqa: E731
+      lambda: flora_optax.MultiSteps(inner(), k, **kw))
+  return [
+      Candidate(f'optax.MultiSteps(adafactor, k={k})', 'optax.MultiSteps',
+                None, lambda: optax.MultiSteps(inner(), k), lambda s: 0, k,
+                'adafactor'),
+      Candidate(f'flora.MultiSteps(k={k}, r={rank})', 'flora.MultiSteps',
+                rank, ms(rank=rank), lambda s: 0, k, 'adafactor'),
+      Candidate(f'flora.MultiSteps(k={k}, rank=None, bits=8)',
+                'flora.MultiSteps bits=8', None, ms(rank=None, bits=8),
+                lambda s: 0, k, 'adafactor'),
+      Candidate(f'flora.MultiSteps(k={k}, rank=None, bits=4)',
+                'flora.MultiSteps bits=4', None, ms(rank=None, bits=4),
+                lambda s: 0, k, 'adafactor'),
+  ]
+
+
+def _leaf_targets() -> list[dict[str, Any]]:
+  out = []
+  for bits, limit in ((8, 0.26), (4, 0.145)):
+    shapes = {'w': jax.ShapeDtypeStruct((768, 3072), jnp.float32)}
+    tx = flora_optax.compressed_momentum(None, bits=bits)
+    measured = common.state_bytes(tx, shapes) - 4 - 4 - 8  # counts, key
+    ratio = measured / (768 * 3072 * 4)
+    out.append(dict(target=f'{bits}-bit state of a 768×3072 leaf ≤ {limit}× '
+                    'its float32 momentum',
+                    figures=f'{ratio:.4f}× ({measured} bytes; formula '
+                    f'{make_quantizer(bits).nbytes((768, 3072))})',
+                    met=ratio <= limit))
+  return out
+
+
+def run(quick: bool = False, log=print) -> dict[str, Any]:
+  size = 'nano' if quick else 'small'
+  repeats = 2 if quick else 7
+  t0 = time.perf_counter()
+  cands = momentum_candidates(16 if quick else RANK)
+  shapes = common.gpt2_shapes(size)
+  log(f'state bytes, gpt2-{size}')
+  state = optimizers.state_bytes(cands, [size])
+  log(f'compiled update on gpt2-{size}: memory, compile, time')
+  update = optimizers.update_figures(cands, size, timed=True, repeats=repeats,
+                                     desc='update')
+  log(f'MultiSteps on gpt2-{size}')
+  ms = optimizers.multisteps_figures(
+      multisteps_candidates(16 if quick else RANK, K), size, repeats=repeats,
+      desc='multisteps')
+  res = dict(meta=dict(quick=quick, jax=jax.__version__,
+                       optax=optax.__version__,
+                       flora_optax=flora_optax.__version__,
+                       backend=jax.default_backend(),
+                       devices=str(jax.devices()[0]), baseline=BASELINE,
+                       workload=f'gpt2-{size}',
+                       param_bytes=common.tree_bytes(shapes),
+                       xla_flags=os.environ.get('XLA_FLAGS', '')),
+             state=state, update=update, multisteps=ms)
+  res['targets'] = targets(res)
+  res['meta']['wall_s'] = time.perf_counter() - t0
+  return res
+
+
+def _row(rows, name):
+  return next(r for r in rows if r['optimizer'] == name)
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+  out = _leaf_targets()
+  st, up = res['state'], res['update']
+  name = 'flora rank=None bits=8'
+  q, b = _row(up, name), _row(up, BASELINE)
+  qs, bs = _row(st, name), _row(st, BASELINE)
+  out.append(dict(target=f'{name}: update ≤ 1.15× {BASELINE}',
+                  figures=f"{q['update_ratio']:.2f}× ({q['update_s'] * 1e3:.0f}"
+                  f" vs {b['update_s'] * 1e3:.0f} ms)",
+                  met=q['update_ratio'] <= 1.15))
+  ratio = q['compile_s'] / b['compile_s']
+  out.append(dict(target=f'{name}: update compile ≤ 1.5× {BASELINE}',
+                  figures=f"{ratio:.2f}× ({q['compile_s']:.1f} vs "
+                  f"{b['compile_s']:.1f} s)", met=ratio <= 1.5))
+  saved = bs['state_bytes'] - qs['state_bytes']
+  peak_saved = b['peak_bytes'] - q['peak_bytes']
+  out.append(dict(
+      target=f'{name}: update peak saving ≥ 0.9× the state saved',
+      figures=f'peak {common.mib(q["peak_bytes"]):.1f} vs '
+      f'{common.mib(b["peak_bytes"]):.1f} MiB: saves '
+      f'{common.mib(peak_saved):.1f} MiB = {peak_saved / saved:.2f}× the '
+      f'{common.mib(saved):.1f} MiB of state saved',
+      met=peak_saved >= 0.9 * saved))
+  worst = max(r['formula_rel_err'] for r in st)
+  out.append(dict(target='state bytes equal the formula',
+                  figures=f'largest deviation {worst:.3%}', met=worst == 0))
+  return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+  meta = res['meta']
+  lines = [
+      '# Quantized states: bytes, compiled peak, time\n',
+      f"`python -m benchmarks.quantized` ({meta['workload']}, jax "
+      f"{meta['jax']}, optax {meta['optax']}, flora_optax "
+      f"{meta['flora_optax']}, {meta['devices']}; XLA_FLAGS "
+      f"`{meta['xla_flags'] or '-'}`; wall {meta['wall_s']:.0f} s). Times are "
+      'medians of interleaved calls with the state donated, as ratios to '
+      f"`{meta['baseline']}` in the same run; peak = XLA's "
+      '`memory_analysis()` of the compiled update.\n',
+      '## Targets\n',
+      common.markdown_table(['target', 'figures', 'met'], [
+          [t['target'], t['figures'], 'yes' if t['met'] else '**no**']
+          for t in res['targets']]),
+      '## Momentum\n',
+  ]
+  st = {r['optimizer']: r for r in res['state']}
+  rows = []
+  for r in res['update']:
+    s = st[r['optimizer']]
+    rows.append([r['optimizer'], f"{common.mib(s['state_bytes']):.1f}",
+                 f"{s['vs_baseline']:.3f}",
+                 f"{s['state_bytes'] / meta['param_bytes'] * 4:.2f}",
+                 f"{common.mib(r['peak_bytes']):.0f}",
+                 f"{r['update_s'] * 1e3:.0f}", f"{r['update_ratio']:.2f}",
+                 f"{r['compile_s']:.1f}"])
+  lines.append(common.markdown_table(
+      ['optimizer', 'state MiB', 'state ÷ baseline', 'state bytes / param',
+       'update peak MiB', 'update ms', 'update ÷ baseline', 'compile s'],
+      rows))
+  lines.append('## Accumulation\n')
+  ms = res['multisteps']
+  ref = next(r for r in ms if r['family'] == 'optax.MultiSteps')
+  rows = [[r['optimizer'], f"{common.mib(r['peak_bytes']):.0f}",
+           f"{(r['peak_bytes'] - ref['peak_bytes']) / 2**20:+.0f}",
+           f"{r['micro_s'] * 1e3:.0f}", f"{r['final_s'] * 1e3:.0f}",
+           f"{r['per_call_s'] / ref['per_call_s']:.2f}",
+           f"{r['compile_s']:.1f}"] for r in ms]
+  lines.append(common.markdown_table(
+      ['wrapper', 'update peak MiB', 'peak − optax.MultiSteps MiB',
+       'micro-step ms', 'final step ms', 'per call ÷ optax.MultiSteps',
+       'compile s'], rows))
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+  p = argparse.ArgumentParser(prog='python -m benchmarks.quantized',
+                              description=__doc__.split('\n')[0])
+  p.add_argument('--quick', action='store_true', help='tiny smoke-test size')
+  args = p.parse_args(argv)
+  common.avoid_xla_cpu_hang()
+  res = run(args.quick)
+  name = os.path.join('quick', NAME) if args.quick else NAME
+  os.makedirs(os.path.join(common.RESULTS_DIR, 'quick'), exist_ok=True)
+  paths = common.write_results(name, res, markdown(res))
+  for t in res['targets']:
+    print(f'[{"met" if t["met"] else "MISSED"}] {t["target"]}: '
+          f'{t["figures"]}')
+  return list(paths)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,231 @@
+"""Block-wise quantization of optimizer states: the second compressor.
+
+A state array ``x`` of shape ``(..., m)`` is stored as codes and one float32
+scale per block. Blocks are runs of at most ``block_size`` consecutive entries
+along the **last axis** (never across the flattened array), so that a leaf
+sharded along any axis is quantized shard-locally as long as each shard of the
+last axis holds whole blocks, and the scales shard like the codes. For block
+``b`` with absmax ``s_b``, each entry's ``u = x / s_b ∈ [-1, 1]`` is mapped to
+an integer code in ``[-L, L]`` (``L = 127`` for 8 bits, ``7`` for 4 bits):
+
+* ``'linear'``: ``code = round(L·u)``;
+* ``'sqrt'`` (companded): ``code = round(L·sign(u)·sqrt(|u|))``, decoded as
+  ``sign(c)·(|c|/L)²``: finer steps near zero, where most of a momentum's
+  entries are (measured default, see the README).
+
+With ``stochastic_rounding`` the code is the lower or upper neighbour of
+``u`` with the probability that makes the *decoded value* unbiased (for any
+map), from noise drawn with a key: deterministic, and the same on any mesh.
+
+8-bit codes are int8 (the value's shape); 4-bit codes are packed two to a
+byte along the last axis (uint8, ``ceil(m / 2)`` entries, two's-complement
+nibbles), so the bytes of a state are what they say. A zero block stays exactly zero (its scale is 0,
+nothing is divided by it); a non-finite entry poisons only its block. Scaling
+a block by a power of two scales its absmax and leaves its codes unchanged.
+
+References:
+  Dettmers, Lewis, Shleifer and Zettlemoyer, `8-bit Optimizers via Block-wise
+  Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
+
+  Li, Chen and Zhu, `Memory Efficient Optimizers with 4-bit States
+  <https://arxiv.org/abs/2309.01507>`_, NeurIPS 2023.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+CODE_MAPS = ('linear', 'sqrt')
+BITS = (8, 4)
+# Measured defaults (README, "Quantized states"): blocks of 256 for 8 bits and
+# 128 for 4 bits (as bitsandbytes and torchao), the companded map, and leaves
+# under 4096 entries kept in float (as bitsandbytes' ``min_8bit_size``).
+DEFAULT_BLOCK_SIZE = {8: 256, 4: 128}
+DEFAULT_CODE_MAP = {8: 'sqrt', 4: 'sqrt'}
+DEFAULT_MIN_SIZE = 4096
+
+
+class QuantizedArray(NamedTuple):
+  """A block-wise quantized array (a pytree of two arrays).
+
+  Attributes:
+    codes: int8 codes with the value's shape (8 bits), or uint8 bytes holding
+      two 4-bit codes each, shape ``(..., ceil(m / 2))``.
+    scales: float32 absmax of each block, shape ``(..., ceil(m / block))``.
+  """
+
+  codes: jax.Array
+  scales: jax.Array
+
+
+def is_quantized(x: Any) -> bool:
+  return isinstance(x, QuantizedArray)
+
+
+def make_quantizer(bits: int | None, block_size: int | None = None,
+                   code_map: str | None = None,
+                   stochastic_rounding: bool = False,
+                   min_size: int | None = None) -> Quantizer | None:
+  """The :class:`Quantizer` of the public keywords (validated by the caller),
+  their ``None`` replaced by the defaults of ``bits``; None without bits."""
+  if bits is None:
+    return None
+  bits = int(bits)
+  return Quantizer(
+      bits=bits,
+      block_size=int(DEFAULT_BLOCK_SIZE[bits] if block_size is None
+                     else block_size),
+      code_map=DEFAULT_CODE_MAP[bits] if code_map is None else code_map,
+      stochastic_rounding=bool(stochastic_rounding),
+      min_size=int(DEFAULT_MIN_SIZE if min_size is None else min_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+  """How a state is quantized: static and hashable (no arrays).
+
+  Attributes:
+    bits: 8 or 4.
+    block_size: entries per block along the last axis (at most; a last axis
+      shorter than a block is one block).
+    code_map: ``'linear'`` or ``'sqrt'``.
+    stochastic_rounding: round to a neighbouring code at random, unbiased in
+      value, instead of to the nearest code.
+    min_size: arrays with fewer entries (and scalars) stay in float.
+  """
+
+  bits: int
+  block_size: int
+  code_map: str
+  stochastic_rounding: bool
+  min_size: int
+
+  @property
+  def levels(self) -> int:
+    """``L``: codes lie in ``[-L, L]``."""
+    return 2**(self.bits - 1) - 1
+
+  def quantizes(self, shape: tuple[int, ...]) -> bool:
+    """Whether an array of this shape is quantized (else kept in float)."""
+    return len(shape) >= 1 and math.prod(shape) >= max(self.min_size, 1)
+
+  def _block(self, m: int) -> int:
+    return max(1, min(self.block_size, m))
+
+  def shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """The shapes of the codes and of the scales of an array of ``shape``."""
+    *lead, m = shape
+    codes = m if self.bits == 8 else -(-m // 2)
+    return (*lead, codes), (*lead, -(-m // self._block(m)))
+
+  def nbytes(self, shape: tuple[int, ...]) -> int:
+    """Bytes of the quantized form of an array of ``shape``."""
+    codes, scales = self.shapes(shape)
+    return math.prod(codes) + 4 * math.prod(scales)
+
+  def zeros(self, shape: tuple[int, ...], zeros: Any) -> QuantizedArray:
+    """Codes and scales of zeros; ``zeros(shape, dtype)`` makes each array
+    (so that the caller can shard them)."""
+    codes, scales = self.shapes(shape)
+    dtype = jnp.int8 if self.bits == 8 else jnp.uint8
+    return QuantizedArray(zeros(codes, dtype), zeros(scales, jnp.float32))
+
+  # --- the code map ---------------------------------------------------------
+  def _to_levels(self, u: jax.Array) -> jax.Array:
+    """``u ∈ [-1, 1]`` to the real-valued code axis ``[-L, L]``."""
+    if self.code_map == 'sqrt':
+      u = jnp.sign(u) * jnp.sqrt(jnp.abs(u))
+    return u * self.levels
+
+  def _from_levels(self, c: jax.Array) -> jax.Array:
+    """Codes (as floats) back to ``u ∈ [-1, 1]``."""
+    u = c / self.levels
+    if self.code_map == 'sqrt':
+      u = jnp.sign(u) * u * u
+    return u
+
+  # --- blocks along the last axis --------------------------------------------
+  def _blocks(self, x: jax.Array) -> jax.Array:
+    """``(..., m)`` → ``(..., nb, block)``, zero-padded only if needed."""
+    *lead, m = x.shape
+    block = self._block(m)
+    nb = -(-m // block)
+    if nb * block != m:
+      x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, nb * block - m)])
+    return x.reshape(*lead, nb, block)
+
+  @staticmethod
+  def _unblocks(xb: jax.Array, m: int) -> jax.Array:
+    *lead, nb, block = xb.shape
+    x = xb.reshape(*lead, nb * block)
+    return x if nb * block == m else x[..., :m]
+
+  def encode(self, x: jax.Array, key: jax.Array | None = None
+            ) -> QuantizedArray:
+    """Quantizes ``x`` (float, ``(..., m)``); ``key`` (a typed key) draws the
+    stochastic-rounding noise and is required with ``stochastic_rounding``."""
+    m = x.shape[-1]
+    xb = self._blocks(x.astype(jnp.float32))
+    # ``+ Σ 0·x`` makes a block's scale NaN if it holds a NaN or an Inf
+    # (XLA's max may drop a NaN): such a block decodes to non-finite values
+    # instead of silently dropping them, and no other block is touched.
+    scales = jnp.max(jnp.abs(xb), axis=-1) + jnp.sum(xb * 0.0, axis=-1)
+    # A zero block keeps scale 0 and codes 0: nothing is divided by zero.
+    safe = jnp.where(scales > 0, scales, 1.0)
+    u = jnp.clip(xb / safe[..., None], -1.0, 1.0)
+    y = self._to_levels(u)
+    if self.stochastic_rounding:
+      if key is None:
+        raise ValueError('stochastic rounding needs a key')
+      lo = jnp.floor(y)
+      v_lo, v_hi = self._from_levels(lo), self._from_levels(lo + 1)
+      # P(up) makes the decoded value unbiased: E = v_lo + p (v_hi - v_lo).
+      width = v_hi - v_lo
+      p = jnp.where(width > 0, (u - v_lo) / jnp.where(width > 0, width, 1.0),
+                    0.0)
+      noise = jax.random.uniform(key, self._unblocks(xb, m).shape,
+                                 jnp.float32)
+      codes = lo + (self._blocks(noise) < p)
+    else:
+      codes = jnp.round(y)
+    codes = jnp.clip(codes, -self.levels, self.levels)
+    codes = self._unblocks(codes, m).astype(jnp.int8)
+    if self.bits == 4:
+      codes = _pack(codes)
+    return QuantizedArray(codes, scales)
+
+  def decode(self, q: QuantizedArray, shape: tuple[int, ...],
+             dtype: Any = jnp.float32) -> jax.Array:
+    """The float array ``q`` stands for, of ``shape``, in ``dtype``."""
+    m = shape[-1]
+    codes = q.codes if self.bits == 8 else _unpack(q.codes, m)
+    u = self._from_levels(self._blocks(codes.astype(jnp.float32)))
+    x = self._unblocks(u * q.scales[..., None], m)
+    return x.astype(dtype)
+
+
+def _pack(codes: jax.Array) -> jax.Array:
+  """Signed 4-bit codes in ``[-7, 7]`` (int8), two to a byte along the last
+  axis as two's-complement nibbles (so zeros are zero bytes): entry ``2i`` in
+  the low nibble, ``2i + 1`` in the high one."""
+  nibbles = codes.astype(jnp.uint8) & 0xF
+  if codes.shape[-1] % 2:
+    nibbles = jnp.pad(nibbles, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
+  pairs = nibbles.reshape(*codes.shape[:-1], -1, 2)
+  return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def _unpack(packed: jax.Array, m: int) -> jax.Array:
+  """The int8 codes of :func:`_pack`'s bytes (the first ``m`` of them)."""
+
+  def signed(nibble):  # sign-extends a two's-complement nibble
+    return (nibble.astype(jnp.int8) ^ 8) - 8
+
+  codes = jnp.stack([signed(packed & 0xF), signed(packed >> 4)], axis=-1)
+  codes = codes.reshape(*packed.shape[:-1], -1)
+  return codes if codes.shape[-1] == m else codes[..., :m]
