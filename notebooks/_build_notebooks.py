@@ -10,23 +10,61 @@ import nbformat
 from nbformat import v4
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = 'flora-optax/flora_optax'  # GitHub org/repo the Colab badges point to
+
+# The install cell's marked variable, and its default: the wheel that
+# `pip wheel --no-deps -w dist .` makes (any version), uploaded to Colab.
+# flora_optax is not on PyPI (yet), and the notebooks name no repository
+# (tests/test_notebooks.py checks both).
+SOURCE_VARIABLE = 'FLORA_OPTAX_SOURCE'
+DEFAULT_SOURCE = 'flora_optax-*-py3-none-any.whl'
+
+INSTALL_CELL = f"""\
+# ===== Where to install flora_optax from: edit this one line ==============
+{SOURCE_VARIABLE} = '{DEFAULT_SOURCE}'
+# ==========================================================================
+# flora_optax is not on PyPI yet, so the default is a wheel that you upload
+# to this Colab session. In a copy of the project, on your machine, run
+#     pip wheel --no-deps -w dist .     (or: python -m build --wheel)
+# and drag dist/flora_optax-<version>-py3-none-any.whl into Colab's Files
+# panel (left bar, folder icon): it lands in /content, this notebook's
+# folder, where the pattern above finds it. The value may also be the path
+# of a wheel or of a checkout of the project, or 'flora-optax' once it is
+# published on PyPI. The [notebooks] extra adds only what this notebook
+# imports (flax, matplotlib); Colab's own packages, ipykernel included,
+# are left as they are unless older than flora_optax's floors (README).
+# Where flora_optax is already installed (e.g. in CI), this cell does nothing.
+import glob
+import importlib.util
+import os
+
+if importlib.util.find_spec('flora_optax') is None:
+  source = {SOURCE_VARIABLE}
+  if any(c in source for c in '*?['):  # a pattern: the uploaded wheel
+    found = glob.glob(source)
+    if not found:
+      raise FileNotFoundError(
+          f'no file matches {{source!r}} in {{os.getcwd()}}: upload the '
+          f'flora_optax wheel (see above) or set {SOURCE_VARIABLE}')
+    source = max(found, key=os.path.getmtime)  # several: the newest
+  if os.path.exists(source):
+    source = os.path.abspath(source)
+  get_ipython().run_line_magic('pip', f'install -q "{{source}}[notebooks]"')
+  importlib.invalidate_caches()
+  import flora_optax  # fails here, not three cells later, if pip did not
+# On Colab pick a CPU, GPU or TPU runtime: the notebook builds its mesh from
+# whatever jax.devices() finds."""
+
+COLAB_NOTE = (
+    '**On Colab:** File → Upload notebook (this `.ipynb`), upload the '
+    'flora_optax wheel to the session (how to make it: the next cell, or '
+    'the README\'s "Colab" section), then run all cells.')
 
 
 def header(name: str, title: str, intro: str) -> list:
-  badge = (f'[![Open In Colab](https://colab.research.google.com/assets/'
-           f'colab-badge.svg)](https://colab.research.google.com/github/'
-           f'{REPO}/blob/main/notebooks/{name}.ipynb)')
+  del name  # the notebooks link to no repository (none can be shown)
   return [
-      v4.new_markdown_cell(f'# {title}\n\n{badge}\n\n{intro}'),
-      v4.new_code_cell(
-          "# Installs flora_optax where it is missing (e.g. on Colab); a no-op\n"
-          "# where it is installed. On Colab pick a CPU, GPU or TPU runtime:\n"
-          "# the notebook builds its mesh from whatever jax.devices() finds.\n"
-          "import importlib.util\n"
-          "if importlib.util.find_spec('flora_optax') is None:\n"
-          "  get_ipython().run_line_magic(\n"
-          f"      'pip', 'install -q \"flora-optax[notebooks] @ git+https://github.com/{REPO}\"')"),
+      v4.new_markdown_cell(f'# {title}\n\n{intro}\n\n{COLAB_NOTE}'),
+      v4.new_code_cell(INSTALL_CELL),
       v4.new_code_cell(
           "import os\n"
           "import time\n\n"
@@ -421,6 +459,8 @@ def main():
                       ('lora_is_a_gradient_compressor', lora),
                       ('accumulation', accumulation)]:
     nb = v4.new_notebook(cells=build())
+    for i, cell in enumerate(nb.cells):  # stable ids: rebuilds do not churn
+      cell.id = f'{name[:40]}-{i:02d}'
     nb.metadata = {
         'kernelspec': {'display_name': 'Python 3', 'language': 'python',
                        'name': 'python3'},
