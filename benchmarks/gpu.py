@@ -63,6 +63,8 @@ from benchmarks import common
 LR = 1e-3
 BASELINE = 'adafactor(m=0.9)'
 PRNG_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')
+# When the run started: set by main() (the module may be imported long before,
+# e.g. by the test suite, which imports every local module up front).
 _START = time.perf_counter()
 
 
@@ -128,10 +130,11 @@ SIZES = {
 
 
 class Budget:
-  """The wall-clock budget of the run, counted from the module's import."""
+  """The wall-clock budget of the run, counted from ``start`` (default: the
+  start of the run, set by :func:`main`)."""
 
-  def __init__(self, seconds: float, start: float = _START):
-    self.deadline = start + seconds
+  def __init__(self, seconds: float, start: float | None = None):
+    self.deadline = (_START if start is None else start) + seconds
 
   def share(self, fraction: float) -> 'Budget':
     """A budget of ``fraction`` of the time left (a section's share)."""
@@ -689,6 +692,8 @@ def main(argv=None) -> dict[str, Any]:
   args = parser.parse_args(argv)
   size = SIZES['quick' if args.quick else
                'cpu-full' if args.cpu_full else 'full']
+  global _START  # pylint: disable=global-statement
+  _START = time.perf_counter()
   budget = Budget(args.budget or size.budget_s)
   out = args.out or (os.path.join(common.RESULTS_DIR, 'quick')
                      if args.quick else common.RESULTS_DIR)

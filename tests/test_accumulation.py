@@ -454,7 +454,13 @@ def test_scan_recipe_equals_multisteps(projection, use_grad_mean):
 
   want = multisteps(params, batches)
   grads, losses = recipe(params, batches, step_index)
-  chex.assert_trees_all_equal(grads, want)
+  if projection == 'orthogonal':
+    # Same projections and sums, but XLA:CPU may compile the two programs'
+    # float32 products of QR-made projections differently: measured 1-2 ulp
+    # apart under x64 (jax 0.10.2 and 0.8.2; also before 0.3.0).
+    chex.assert_trees_all_close(grads, want, rtol=1e-6, atol=1e-6)
+  else:
+    chex.assert_trees_all_equal(grads, want)
   assert losses.shape == (k,)
   # The exact mean/sum over micro-batches is what both estimate.
   exact = jax.tree.map(lambda g: g.sum(0) / (k if use_grad_mean else 1),
