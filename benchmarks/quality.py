@@ -490,13 +490,13 @@ def _quantized(bits: int, ranked: bool, **options: Any) -> MakeTx:
 # How the defaults of the quantized momentum were chosen: each row changes
 # one keyword of the library's default (code map, block size, rounding).
 QUANT_ABLATIONS = {
-    'momentum_8bit_linear': (8, dict(code_map='linear')),
-    'momentum_4bit_linear': (4, dict(code_map='linear')),
-    'momentum_4bit_block64': (4, dict(block_size=64)),
-    'momentum_4bit_block256': (4, dict(block_size=256)),
-    'momentum_4bit_linear_block64': (4, dict(code_map='linear',
-                                              block_size=64)),
-    'momentum_4bit_stochastic': (4, dict(stochastic_rounding=True)),
+    'momentum_8bit_sqrt': (8, dict(code_map='sqrt')),
+    'momentum_4bit_sqrt': (4, dict(code_map='sqrt')),
+    'momentum_4bit_block128': (4, dict(block_size=128)),
+    'momentum_4bit_sqrt_block128': (4, dict(code_map='sqrt', block_size=128)),
+    'momentum_4bit_sqrt_block256': (4, dict(code_map='sqrt', block_size=256)),
+    'momentum_4bit_sqrt_block128_stochastic': (4, dict(
+        code_map='sqrt', block_size=128, stochastic_rounding=True)),
 }
 
 

@@ -21,7 +21,7 @@ from flora_optax._quantization import QuantizedArray as QuantizedArray
 from flora_optax._types import DimensionNumbers as DimensionNumbers
 from flora_optax._sharding import state_shardings as state_shardings
 
-__version__ = '0.2.1'
+__version__ = '0.3.0'
 
 __all__ = [
     'CompressedMomentumState',

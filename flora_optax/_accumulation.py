@@ -170,8 +170,8 @@ class MultiSteps:
       4-bit codes with one float32 scale per block along the last axis. Each
       micro-step decodes it, adds the micro-gradient in float32 and encodes
       it again.
-    block_size: entries per block; ``None``: 256 for 8 bits, 128 for 4.
-    code_map: ``'sqrt'`` (the default) or ``'linear'``.
+    block_size: entries per block; ``None``: 256 for 8 bits, 64 for 4.
+    code_map: ``'linear'`` (the default) or ``'sqrt'`` (companded).
     min_quantized_size: leaves whose accumulator has fewer entries stay in
       ``accumulator_dtype``; ``None``: 4096.
     stochastic_rounding: round codes at random, unbiased in value (noise from

@@ -11,7 +11,8 @@ an integer code in ``[-L, L]`` (``L = 127`` for 8 bits, ``7`` for 4 bits):
 * ``'linear'``: ``code = round(L·u)``;
 * ``'sqrt'`` (companded): ``code = round(L·sign(u)·sqrt(|u|))``, decoded as
   ``sign(c)·(|c|/L)²``: finer steps near zero, where most of a momentum's
-  entries are (measured default, see the README).
+  entries are. Measured no better than ``'linear'`` (the default) on our
+  tasks, and dearer to compute (README, "Quantized states").
 
 With ``stochastic_rounding`` the code is the lower or upper neighbour of
 ``u`` with the probability that makes the *decoded value* unbiased (for any
@@ -42,11 +43,14 @@ import jax.numpy as jnp
 
 CODE_MAPS = ('linear', 'sqrt')
 BITS = (8, 4)
-# Measured defaults (README, "Quantized states"): blocks of 256 for 8 bits and
-# 128 for 4 bits (as bitsandbytes and torchao), the companded map, and leaves
-# under 4096 entries kept in float (as bitsandbytes' ``min_8bit_size``).
-DEFAULT_BLOCK_SIZE = {8: 256, 4: 128}
-DEFAULT_CODE_MAP = {8: 'sqrt', 4: 'sqrt'}
+# Measured defaults (README, "Quantized states"; benchmarks.quality's
+# ablation rows): the linear map, as good as the companded one at 8 bits and
+# at 4 bits slightly better on two of three tasks (within noise), and cheaper
+# to compute; blocks of 256 for 8 bits (as bitsandbytes and torchao) and 64
+# for 4 bits (better than 128 and 256 on the same tasks); leaves under 4096
+# entries kept in float (as bitsandbytes' ``min_8bit_size``).
+DEFAULT_BLOCK_SIZE = {8: 256, 4: 64}
+DEFAULT_CODE_MAP = {8: 'linear', 4: 'linear'}
 DEFAULT_MIN_SIZE = 4096
 
 
@@ -188,9 +192,12 @@ class Quantizer:
       width = v_hi - v_lo
       p = jnp.where(width > 0, (u - v_lo) / jnp.where(width > 0, width, 1.0),
                     0.0)
-      noise = jax.random.uniform(key, self._unblocks(xb, m).shape,
-                                 jnp.float32)
-      codes = lo + (self._blocks(noise) < p)
+      # 16 random bits per entry (half the bits and bytes of float32
+      # uniforms): P(up) is resolved to 2**-16, a bias of at most 2**-17 of
+      # a code step.
+      noise = jax.random.bits(key, self._unblocks(xb, m).shape, jnp.uint16)
+      u01 = (self._blocks(noise).astype(jnp.float32) + 0.5) / 65536
+      codes = lo + (u01 < p)
     else:
       codes = jnp.round(y)
     codes = jnp.clip(codes, -self.levels, self.levels)

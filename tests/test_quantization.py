@@ -252,7 +252,7 @@ def test_quantized_accumulator_gives_the_mean_within_its_bound(bits, sr):
   ref = optax.MultiSteps(optax.sgd(1.0), k)
   params = _grads(0, SHAPES)
   s, rs = tx.init(params), ref.init(params)
-  half_step = _bound(make_quantizer(bits, 32, 'sqrt'), np.ones(1))[0]
+  half_step = _bound(make_quantizer(bits, 32), np.ones(1))[0]
   for t in range(2 * k):
     g = _grads(t + 1, SHAPES)
     u, s = jax.jit(tx.update)(g, s, params)
