@@ -270,7 +270,7 @@ def test_quantized_accumulator_gives_the_mean_within_its_bound(bits, sr):
 
 
 @pytest.mark.parametrize('rank,bits', [(None, 8), (4, 4)])
-def test_accumulate_gradients_equals_multisteps_bit_for_bit(rank, bits):
+def test_accumulate_gradients_equals_multisteps(rank, bits):
   params = _grads(0, {'w': (32, 96), 'b': (5,)})
   batches = jnp.arange(1.0, 4.0)
 
@@ -288,7 +288,9 @@ def test_accumulate_gradients_equals_multisteps_bit_for_bit(rank, bits):
   for b in batches:
     handed, state = step(grad_fn(params, b), state, params)
   assert bool(tx.has_updated(state))
-  chex.assert_trees_all_equal(got, handed)
+  # The same keys, codes and sums: bit for bit on jax 0.10.2's CPU; other
+  # versions compile the two programs' float32 sums up to 1 ulp apart.
+  chex.assert_trees_all_close(got, handed, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize('make', [
