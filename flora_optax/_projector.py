@@ -31,6 +31,7 @@ class Projector:
       | None`` giving each leaf's rank (``None`` keeps it dense). A rank from a
       callable is applied as given whenever ``1 <= r <= d``, so ``r == d`` with
       ``projection='orthogonal'`` is an exact path; ``r > d`` is an error.
+      ``None`` compresses no leaf (what the optimizers' ``rank=None`` means).
     projection: ``'gaussian'`` (i.i.d. ``N(0, 1/r)``, the paper's),
       ``'rademacher'`` (``±1/sqrt(r)``) or ``'orthogonal'`` (``sqrt(d/r)``
       times ``r`` orthonormal rows; the identity when ``r == d``). All satisfy

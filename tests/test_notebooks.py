@@ -18,6 +18,8 @@ import tomllib
 
 import pytest
 
+import flora_optax
+
 nbformat = pytest.importorskip('nbformat')
 nbclient = pytest.importorskip('nbclient')
 
@@ -162,7 +164,8 @@ def test_readme_wheel_installs_with_the_extra_and_upgrades_nothing(tmp_path):
        str(tmp_path), _ROOT], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   wheels = glob.glob(str(tmp_path / _DEFAULT_SOURCE))
-  version = importlib.metadata.version('flora-optax')
+  # The checkout's version (an editable install's metadata may be older).
+  version = flora_optax.__version__
   assert [os.path.basename(w) for w in wheels] == [
       f'flora_optax-{version}-py3-none-any.whl']
   # What the install cell runs, offline and as a dry run: every requirement
