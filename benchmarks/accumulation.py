@@ -37,7 +37,7 @@ import optax
 
 import flora_optax
 from benchmarks import common
-import gpt  # examples/gpt.py (benchmarks.common put examples/ on the path)
+from examples import gpt
 
 
 # --- the GPT of examples/gpt.py, in GPT-2's parameter layout ---------------

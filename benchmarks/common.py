@@ -3,10 +3,9 @@ and interleaved timing. Every figure is measured against a baseline in the
 same process (these machines are noisy).
 
 The model, the text and the memory measurements are the examples' own
-(``examples/gpt.py``, ``examples/data.py``, ``examples/memory.py``): the
-examples run as plain scripts with only ``examples/`` on their path, so that
-is where the one copy lives, and this module puts ``examples/`` on the
-benchmarks' path (:data:`EXAMPLES_DIR`) and re-exports what they use.
+(``examples/gpt.py``, ``examples/data.py``, ``examples/memory.py``): one copy
+each, imported from the ``examples`` package and re-exported here for the
+benchmarks.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,23 +20,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), 'results')
-EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'examples')
-if EXAMPLES_DIR not in sys.path:
-  sys.path.insert(0, EXAMPLES_DIR)
-
 # Re-exported for the benchmarks (one definition each, in examples/).
-# pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-from gpt import gpt2_layout
-from memory import (compiled_memory, memory_figures, mib,  # noqa: F401
-                    state_bytes, tree_bytes)
-# pylint: enable=g-import-not-at-top,wrong-import-position,unused-import
+from examples.gpt import gpt2_layout
+from examples.memory import (compiled_memory, memory_figures, mib,  # noqa: F401
+                             state_bytes, tree_bytes)
+from examples.xla_cpu import avoid_xla_cpu_hang  # noqa: F401
 
-# One definition, in examples/ (the demo uses it too).
-# pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-from xla_cpu import avoid_xla_cpu_hang  # noqa: F401
-# pylint: enable=g-import-not-at-top,wrong-import-position,unused-import
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), 'results')
 
 
 def gpt2_shapes(size: str = 'small') -> dict[str, Any]:

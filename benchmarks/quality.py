@@ -58,11 +58,10 @@ from benchmarks import common
 
 common.avoid_xla_cpu_hang()
 
-# examples/ is on the path: benchmarks.common put it there.
-import data as data_lib
-import model as model_lib
-from gpt import stack_trees
 import flora_optax
+from examples import data as data_lib
+from examples import model as model_lib
+from examples.gpt import stack_trees
 from flora_optax import _alias
 from flora_optax import _momentum
 # pylint: enable=g-import-not-at-top,wrong-import-position

@@ -26,12 +26,9 @@ import numpy as np
 import optax
 
 from benchmarks import common
-# pylint: disable=g-import-not-at-top,wrong-import-position
-# examples/ is on the path: benchmarks.common put it there.
-import data as data_lib
-import gpt
-from data import stdlib_bytes
-# pylint: enable=g-import-not-at-top,wrong-import-position
+from examples import data as data_lib
+from examples import gpt
+from examples.data import stdlib_bytes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,8 +21,7 @@ Example::
 The benchmarks' small LM reads the standard library's sources as one raw
 byte stream instead (:func:`stdlib_bytes`, no split, no separators), through
 the same :func:`windows`. This module is the one text loader of the examples
-and the benchmarks (which put ``examples/`` on their path in
-``benchmarks/common.py``).
+and the benchmarks.
 """
 
 from __future__ import annotations

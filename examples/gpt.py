@@ -15,11 +15,8 @@ depend on them: an optimizer's state follows the parameter tree (Flora draws
 one projection per leaf, in leaf order), and the demo's and the quality
 study's reference losses depend on the NNX model's init and Flax's LayerNorm.
 
-Only jax, numpy and optax are needed here (no Flax: ``benchmarks/gpu.py``
-runs with just those). The module lives in ``examples/`` because the
-examples run as plain scripts (``python examples/train_lm.py``) with only
-``examples/`` on ``sys.path``; the benchmarks import it through
-``benchmarks/common.py``, which puts ``examples/`` on their path.
+Only jax, numpy and optax are needed here (no Flax: ``benchmarks.gpu``
+runs with just those).
 """
 
 from __future__ import annotations

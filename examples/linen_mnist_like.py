@@ -11,16 +11,15 @@ it into an abstract target, as one would to resume training.
 
 Run from the repository root (a few seconds on a CPU)::
 
-    python examples/linen_mnist_like.py
-    python examples/linen_mnist_like.py --accumulate 4 --steps 400
-    python examples/linen_mnist_like.py --checkpoint-dir /tmp/flora_ckpt
+    python -m examples.linen_mnist_like
+    python -m examples.linen_mnist_like --accumulate 4 --steps 400
+    python -m examples.linen_mnist_like --checkpoint-dir /tmp/flora_ckpt
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,10 +29,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# pylint: disable-next=g-import-not-at-top,wrong-import-position
-from mnist_like import (NUM_CLASSES, SIDE, make_batch, make_optimizer,
-                        make_parser)
+from examples.mnist_like import (NUM_CLASSES, SIDE, make_batch,
+                                 make_optimizer, make_parser)
 
 
 class MLP(nn.Module):

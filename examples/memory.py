@@ -2,11 +2,6 @@
 
 Everything is read from shapes and from XLA's ``memory_analysis()`` of a
 compiled function; nothing is measured from the process.
-
-This module lives in ``examples/`` (not in ``benchmarks/``) because the
-examples run as plain scripts (``python examples/train_lm.py``), with only
-``examples/`` on ``sys.path``; the benchmarks put ``examples/`` on their path
-once, in ``benchmarks/common.py``, which re-exports these functions.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """The examples' byte-level GPT in Flax NNX, with optional LoRA adapters.
 
-Used by ``train_lm.py``, ``paper_miniature.py`` and ``benchmarks/quality.py``:
+Used by ``train_lm.py``, ``paper_miniature.py`` and ``benchmarks.quality``:
 token and position embeddings, pre-LayerNorm blocks (Flax's LayerNorm), a
 head tied to the embedding, ``N(0, 1/d_in)`` kernels; every :class:`Linear`
 takes LoRA adapters when ``ModelConfig.lora_rank`` is set. Its attention is
 ``gpt.causal_attention``, the one the benchmarks' GPT-2-layout model uses.
-
-This module lives in ``examples/`` because the examples run as plain scripts
-(``python examples/train_lm.py``) with only ``examples/`` on ``sys.path``;
-the benchmarks import it after ``benchmarks/common.py`` has put ``examples/``
-on their path.
 """
 
 from __future__ import annotations
@@ -23,8 +18,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-import data as data_lib  # examples/data.py
-from gpt import causal_attention
+from examples import data as data_lib
+from examples.gpt import causal_attention
 
 
 class Frozen(nnx.Variable):

@@ -10,15 +10,13 @@ uncompressed momentum, the optimizer Flora compresses.
 
 Run from the repository root (a few seconds on a CPU)::
 
-    python examples/nnx_train.py
-    python examples/nnx_train.py --accumulate 4 --steps 400
+    python -m examples.nnx_train
+    python -m examples.nnx_train --accumulate 4 --steps 400
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -26,12 +24,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# pylint: disable=g-import-not-at-top,wrong-import-position
-from memory import tree_bytes
-from mnist_like import (NUM_CLASSES, SIDE, make_batch, make_optimizer,
-                        make_parser)
-# pylint: enable=g-import-not-at-top,wrong-import-position
+from examples.memory import tree_bytes
+from examples.mnist_like import (NUM_CLASSES, SIDE, make_batch,
+                                 make_optimizer, make_parser)
 
 
 class MLP(nnx.Module):

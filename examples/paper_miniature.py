@@ -28,8 +28,8 @@ the optimizer-state memory of one model. Results go to
 
 Run from the repository root (about 10 minutes on 2 CPU cores)::
 
-    python examples/paper_miniature.py
-    python examples/paper_miniature.py --quick   # a 1-minute smoke run
+    python -m examples.paper_miniature
+    python -m examples.paper_miniature --quick   # a 1-minute smoke run
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -50,17 +49,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# pylint: disable=g-import-not-at-top,wrong-import-position
-import data as data_lib
-import xla_cpu
-import model as model_lib
-import train_lm
-from gpt import stack_trees
-from memory import tree_bytes
-from model import ModelConfig
-from train_lm import OptConfig, flora_optax
-# pylint: enable=g-import-not-at-top,wrong-import-position
+import flora_optax
+from examples import data as data_lib
+from examples import model as model_lib
+from examples import train_lm
+from examples import xla_cpu
+from examples.gpt import stack_trees
+from examples.memory import tree_bytes
+from examples.model import ModelConfig
+from examples.train_lm import OptConfig
 
 # Run outputs go to an untracked directory; the reference results in
 # examples/results/paper are regenerated on purpose with

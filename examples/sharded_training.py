@@ -12,10 +12,10 @@ compressed kernel it all-reduces one ``r``-column sketch block).
 
 Run::
 
-  python examples/sharded_training.py --cpu-devices 8      # laptop / CI
-  python examples/sharded_training.py                      # GPUs / TPU host
+  python -m examples.sharded_training --cpu-devices 8      # laptop / CI
+  python -m examples.sharded_training                      # GPUs / TPU host
   # several hosts: same command on every host, same --seed everywhere
-  python examples/sharded_training.py --distributed
+  python -m examples.sharded_training --distributed
 
 With ``--check`` the first steps are replayed on one device and compared.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 
@@ -72,11 +71,8 @@ def main(argv=None) -> dict:
   from jax.sharding import AxisType, NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
-  import flora_optax  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from memory import tree_bytes  # pylint: disable=g-import-not-at-top
+  import flora_optax
+  from examples.memory import tree_bytes
 
   n = jax.device_count()
   model = 2 if n % 2 == 0 else 1

@@ -10,10 +10,10 @@ the peak memory of the compiled training step), and saves a loss-curve PNG.
 
 Run from the repository root::
 
-    python examples/train_lm.py                       # ~2-3 minutes on 2 CPU cores
-    python examples/train_lm.py --out examples/results/train_lm  # the reference
-    python examples/train_lm.py --optimizers flora --steps 2000 --d-model 256
-    python examples/train_lm.py --accumulate 4 --accumulation-rank 8
+    python -m examples.train_lm                       # ~2-3 minutes on 2 CPU cores
+    python -m examples.train_lm --out examples/results/train_lm  # the reference
+    python -m examples.train_lm --optimizers flora --steps 2000 --d-model 256
+    python -m examples.train_lm --accumulate 4 --accumulation-rank 8
 
 ``--accumulate K`` takes K micro-batches per optimizer update, with
 ``flora_optax.MultiSteps`` (a compressed accumulator) for the Flora optimizers
@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 
@@ -35,19 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# pylint: disable=g-import-not-at-top,wrong-import-position
-import data as data_lib
-import xla_cpu
-from memory import peak_bytes, tree_bytes
-from model import ModelConfig, init_model, make_loss_fn
-# pylint: enable=g-import-not-at-top,wrong-import-position
-
-try:  # run from a checkout without installing the package
-  import flora_optax  # pylint: disable=g-import-not-at-top
-except ImportError:
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  import flora_optax  # pylint: disable=g-import-not-at-top
+import flora_optax
+from examples import data as data_lib
+from examples import xla_cpu
+from examples.memory import mib, peak_bytes, tree_bytes
+from examples.model import ModelConfig, init_model, make_loss_fn
 
 OPTIMIZERS = ('flora', 'adafactor', 'adafactor_nomomentum', 'flora_paper',
               'flora_frozen', 'lora')
@@ -143,8 +134,9 @@ def accumulate(tx: optax.GradientTransformation,
   return optax.MultiSteps(tx, oc.accumulate).gradient_transformation()
 
 
-def mib(n: float) -> str:
-  return f'{n / 2**20:.3f}' if n >= 0 else '-'
+def _mib_cell(n: float) -> str:
+  """A table cell: MiB, or '-' for a figure not measured (negative)."""
+  return f'{mib(n):.3f}' if n >= 0 else '-'
 
 
 # ----------------------------------------------------------------------------
@@ -273,11 +265,11 @@ def memory_table(results: Sequence[RunResult]) -> str:
   ]
   for r in results:
     lines.append(
-        f'| {r.name} | {r.final_eval_loss:.4f} | {mib(r.state_bytes)} | '
+        f'| {r.name} | {r.final_eval_loss:.4f} | {_mib_cell(r.state_bytes)} | '
         f'{ratio(r.state_bytes, base.state_bytes if base else 0)} | '
-        f'{mib(r.peak_update_bytes)} | '
+        f'{_mib_cell(r.peak_update_bytes)} | '
         f'{ratio(r.peak_update_bytes, base.peak_update_bytes if base else 0)}'
-        f' | {mib(r.peak_step_bytes)} | '
+        f' | {_mib_cell(r.peak_step_bytes)} | '
         f'{ratio(r.peak_step_bytes, base.peak_step_bytes if base else 0)} |')
   return '\n'.join(lines)
 

@@ -1,8 +1,6 @@
 """Test configuration: 8 simulated CPU devices, reproducible property tests."""
 
-import glob
 import importlib
-import os
 import pkgutil
 
 import jax
@@ -15,8 +13,6 @@ common.avoid_xla_cpu_hang()
 # Must run before JAX's backends start; conftest is imported before tests.
 jax.config.update('jax_num_cpu_devices', 8)
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _import_local_modules() -> None:
   """Imports every module of this checkout that a test may import.
@@ -28,15 +24,12 @@ def _import_local_modules() -> None:
   run), although every test says ``derandomize=True``. With every local
   module imported up front the pool is the same in any order.
   """
-  for package in ('flora_optax', 'benchmarks'):
+  for package in ('flora_optax', 'benchmarks', 'examples'):
     pkg = importlib.import_module(package)
-    for info in pkgutil.iter_modules(pkg.__path__):
-      if info.name != '__main__':
-        importlib.import_module(f'{package}.{info.name}')
-  # The examples run as scripts with examples/ on sys.path (benchmarks.common
-  # puts it there), and the tests import them under their top-level names.
-  for path in sorted(glob.glob(os.path.join(_ROOT, 'examples', '*.py'))):
-    importlib.import_module(os.path.splitext(os.path.basename(path))[0])
+    # Subpackages too (benchmarks.quality); not the command-line entry points.
+    for info in pkgutil.walk_packages(pkg.__path__, f'{package}.'):
+      if info.name.split('.')[-1] != '__main__':
+        importlib.import_module(info.name)
 
 
 _import_local_modules()

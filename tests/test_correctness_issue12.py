@@ -528,10 +528,7 @@ def test_min_dim_size_to_factor_keeps_adafactors_default_and_behaviour():
 
 
 def _train_lm():
-  examples = os.path.join(ROOT, 'examples')
-  if examples not in sys.path:
-    sys.path.insert(0, examples)
-  import train_lm  # pylint: disable=g-import-not-at-top
+  from examples import train_lm  # pylint: disable=g-import-not-at-top
   return train_lm
 
 

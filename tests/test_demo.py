@@ -1,10 +1,8 @@
-"""Smoke tests of the README's demo (examples/train_lm.py) at a tiny size."""
+"""Smoke tests of the README's demo (examples.train_lm) at a tiny size."""
 
-import importlib
 import json
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,15 +10,9 @@ import numpy as np
 import pytest
 
 import flora_optax
-
-_EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'examples')
-
-
-if _EXAMPLES not in sys.path:
-  sys.path.insert(0, _EXAMPLES)
-data = importlib.import_module('data')
-train_lm = importlib.import_module('train_lm')
+from examples import data
+from examples import paper_miniature
+from examples import train_lm
 
 TINY = ['--d-model', '32', '--layers', '1', '--heads', '2', '--seq-len', '16',
         '--batch-size', '4', '--eval-batches', '2', '--rank', '4',
@@ -127,7 +119,7 @@ def test_demo_rejects_bad_flags():
 
 
 def test_paper_miniature_compares_like_with_like():
-  mini = importlib.import_module('paper_miniature')
+  mini = paper_miniature
   s = mini.Setting()
   exps = mini.experiments(s)
   assert set(exps) >= {'accumulation', 'momentum', 'kappa'}

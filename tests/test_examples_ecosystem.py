@@ -1,25 +1,15 @@
 """Smoke tests of the Linen and NNX example scripts, at tiny sizes."""
 
-import importlib.util
-import pathlib
-import sys
+import importlib
 
 import pytest
-
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / 'examples'
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore::flora_optax.TransferStabilityWarning')
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(f'_example_{name}',
-                                                EXAMPLES / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  # Linen modules are dataclasses, which look their module up by name.
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+  return importlib.import_module(f'examples.{name}')
 
 
 TINY = ['--steps', '80', '--hidden', '32', '--batch-size', '32',

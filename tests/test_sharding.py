@@ -420,14 +420,8 @@ def test_state_shardings_place_a_jitted_init():
 
 
 def test_sharded_training_example_smoke():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), 'examples', 'sharded_training.py')
-  spec = importlib.util.spec_from_file_location('sharded_training', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  report = module.main(['--steps', '4', '--width', '32', '--batch-size', '8',
+  from examples import sharded_training  # pylint: disable=g-import-not-at-top
+  report = sharded_training.main(['--steps', '4', '--width', '32', '--batch-size', '8',
                         '--rank', '4', '--check'])
   assert report['devices'] == jax.device_count()
   assert report['max_abs_diff_vs_single_device'] < 1e-5
