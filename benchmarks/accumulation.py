@@ -26,7 +26,6 @@ Run ``python -m benchmarks.accumulation`` (a few minutes on a CPU) or with
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import time
 from typing import Any
@@ -37,24 +36,12 @@ import optax
 
 import flora_optax
 from benchmarks import common
+from benchmarks import small_lm
+from benchmarks.small_lm import GPTConfig
 from examples import gpt
 
 
 # --- the GPT of examples/gpt.py, in GPT-2's parameter layout ---------------
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-  n_layer: int
-  d_model: int
-  n_head: int
-  vocab: int
-  seq_len: int
-  batch: int
-
-  @property
-  def tokens(self) -> int:
-    return self.batch * self.seq_len
 
 
 # d_model 512 > rank 128, so every matrix is compressed (4x at best: r/d).
@@ -65,13 +52,9 @@ QUICK = GPTConfig(n_layer=1, d_model=64, n_head=4, vocab=256, seq_len=32,
 GPT2_SMALL_BATCH = (8, 1024)  # (batch, sequence) for the compile-only step.
 
 
-def gpt_shapes(cfg: GPTConfig) -> dict[str, Any]:
-  return common.gpt2_layout(cfg.n_layer, cfg.d_model, cfg.vocab, cfg.seq_len)
-
-
 def init_params(shapes: Any, seed: int = 0) -> Any:
   """N(0, 0.02) weights and biases, LayerNorm scales at one."""
-  return gpt.gpt2_init(shapes, seed, random_biases=True)
+  return small_lm.init_params(shapes, seed, random_biases=True)
 
 
 def gpt_loss(params: Any, tokens: jax.Array, n_head: int) -> jax.Array:
@@ -205,7 +188,7 @@ def run(quick: bool, repeats: int, every_k: int, compile_gpt2_train: bool):
   results: dict[str, Any] = {
       'config': {
           'quick': quick, 'rank': rank, 'every_k': every_k,
-          'repeats': repeats, 'small_model': dataclasses.asdict(cfg),
+          'repeats': repeats, 'small_model': cfg.record(),
           'gpt2': 'tiny' if quick else 'small',
           'gpt2_train_batch': [batch, seq],
           'jax': jax.__version__, 'optax': optax.__version__,
@@ -216,8 +199,9 @@ def run(quick: bool, repeats: int, every_k: int, compile_gpt2_train: bool):
   models = {
       'gpt2': (gpt2, (gpt2_n_head, jax.ShapeDtypeStruct(
           (batch, seq + 1), jnp.int32)) if compile_gpt2_train else None),
-      'small_gpt': (gpt_shapes(cfg), (cfg.n_head, jax.ShapeDtypeStruct(
-          (cfg.batch, cfg.seq_len + 1), jnp.int32))),
+      'small_gpt': (small_lm.param_shapes(cfg), (
+          cfg.n_head,
+          jax.ShapeDtypeStruct((cfg.batch, cfg.seq_len + 1), jnp.int32))),
   }
   for model, (shapes, full) in models.items():
     params = init_params(shapes)
@@ -242,8 +226,13 @@ def _ratio(a, b):
 
 def summarize(results) -> tuple[dict[str, Any], str]:
   """Ratios, target checks and the markdown report."""
-  cfg = results['config']
-  lines = [
+  rows, checks = _ratios(results)
+  markdown = _markdown(results['config'], rows, checks)
+  return {'rows': rows, 'checks': checks}, markdown
+
+
+def _header(cfg) -> list[str]:
+  return [
       '# Gradient accumulation: flora_optax.MultiSteps vs optax.MultiSteps\n',
       f"rank {cfg['rank']}, every_k {cfg['every_k']}, {cfg['repeats']} "
       f"interleaved repeats (medians), backend {cfg['backend']}, jax "
@@ -257,6 +246,11 @@ def summarize(results) -> tuple[dict[str, Any], str]:
       'micro-step drops the inner update that its real program runs at every '
       'call).\n',
   ]
+
+
+def _ratios(results) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """One row of ratios (flora / optax) per model and inner optimizer, and
+  the target checks."""
   checks = {}
   rows = []
   for model, per_inner in results['models'].items():
@@ -299,7 +293,11 @@ def summarize(results) -> tuple[dict[str, Any], str]:
       if 'time_train_micro_ratio' in row:
         checks[key]['train_micro_time_at_most_1.10x'] = (
             row['time_train_micro_ratio'] <= 1.10)
+  return rows, checks
 
+
+def _markdown(cfg, rows, checks) -> str:
+  lines = _header(cfg)
   lines.append('\n## State\n')
   lines.append(common.markdown_table(
       ['model', 'inner', 'acc MiB optax', 'acc MiB flora', 'acc smaller ×',
@@ -335,7 +333,7 @@ def summarize(results) -> tuple[dict[str, Any], str]:
   lines.append('\n## Targets\n')
   for key, c in checks.items():
     lines.append(f'- {key}: {c}')
-  return {'rows': rows, 'checks': checks}, '\n'.join(lines) + '\n'
+  return '\n'.join(lines) + '\n'
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
-"""Shared pieces of the benchmarks: model shapes, byte counts, compiled memory
-and interleaved timing. Every figure is measured against a baseline in the
-same process (these machines are noisy).
+"""Shared pieces of the benchmarks: the candidates, model shapes, byte counts,
+compiled memory and interleaved timing. Every figure is measured against a
+baseline in the same process (these machines are noisy).
 
 The model, the text and the memory measurements are the examples' own
 (``examples/gpt.py``, ``examples/data.py``, ``examples/memory.py``): one copy
@@ -10,6 +10,7 @@ benchmarks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -19,7 +20,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
+import flora_optax
 # Re-exported for the benchmarks (one definition each, in examples/).
 from examples.gpt import gpt2_layout
 from examples.memory import (compiled_memory, memory_figures, mib,  # noqa: F401
@@ -27,6 +30,76 @@ from examples.memory import (compiled_memory, memory_figures, mib,  # noqa: F401
 from examples.xla_cpu import avoid_xla_cpu_hang  # noqa: F401
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), 'results')
+LR = 1e-3
+# What every time and peak is compared with, in the same run.
+BASELINE = 'adafactor(m=0.9)'
+GALORE_GAP = 200  # optax.contrib.galore's default update_proj_gap
+
+
+# --- candidates --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One optimizer row of a benchmark.
+
+  Attributes:
+    name: the row's name in the results.
+    family: ``'adafactor'``, ``'adamw'``, ``'flora'``, ``'galore'``, ... (what
+      a benchmark special-cases, e.g. GaLore's refresh counter).
+    rank: the compression rank (``None``: not a ranked optimizer).
+    make: builds the optimizer.
+    formula: the state bytes its papers' definitions give, from the parameter
+      shapes (:mod:`benchmarks.optimizers`; ``None`` where not counted).
+    k: micro-steps per update (gradient accumulation rows).
+    inner: the inner optimizer's name (gradient accumulation rows).
+  """
+
+  name: str
+  family: str
+  rank: int | None
+  make: Callable[[], optax.GradientTransformation]
+  formula: Callable[[Any], int] | None = None
+  k: int | None = None
+  inner: str | None = None
+
+
+def flora_name(rank: int, residual: bool | None = None,
+               suffix: str = '') -> str:
+  """``'flora r=<rank>'``, with the momentum mode when ``residual`` is set."""
+  mode = '' if residual is None else f' residual={residual}'
+  return f'flora r={rank}{mode}{suffix}'
+
+
+def flora_row(rank: int, residual: bool | None = None, suffix: str = '',
+              family: str = 'flora', **kwargs: Any) -> Candidate:
+  """``flora_optax.flora(LR, rank, **kwargs)``; ``residual=None``: its
+  default momentum mode, not named."""
+  if residual is not None:
+    kwargs['residual'] = residual
+  return Candidate(flora_name(rank, residual, suffix), family, rank,
+                   lambda: flora_optax.flora(LR, rank, **kwargs))
+
+
+def candidates(ranks: Sequence[int], *,
+               residual: Sequence[bool | None] = (None,),
+               extra: Sequence[Candidate] = ()) -> list[Candidate]:
+  """The baseline first, Adafactor without momentum, AdamW, ``extra``, then
+  Flora at every rank in every mode of ``residual``, then GaLore at every
+  rank (before GaLore: a run cut short by a time budget still has Flora)."""
+  out = [
+      Candidate(BASELINE, 'adafactor', None,
+                lambda: optax.adafactor(LR, momentum=0.9)),
+      Candidate('adafactor', 'adafactor', None, lambda: optax.adafactor(LR)),
+      Candidate('adamw', 'adamw', None, lambda: optax.adamw(LR)),
+      *extra,
+  ]
+  out += [flora_row(r, m) for r in ranks for m in residual]
+  out += [Candidate(f'galore r={r}', 'galore', r,
+                    lambda r=r: optax.contrib.galore(
+                        LR, r, update_proj_gap=GALORE_GAP))
+          for r in ranks]
+  return out
 
 
 def gpt2_shapes(size: str = 'small') -> dict[str, Any]:
@@ -70,18 +143,36 @@ def galore_with_count(state, count: int):
           *state[1:])
 
 
-class ThreadedUpdate:
-  """A compiled ``tx.update(grads, state, params)`` applied again and again
-  to its own (donated) state: the steady state of a training loop, as a
-  thunk for :func:`interleaved_samples`."""
+class Threaded:
+  """``compiled(*args)`` called again and again on its own outputs, as a thunk
+  for :func:`interleaved_samples`: the steady state of a training loop.
 
-  def __init__(self, compiled, grads, state, params):
-    self.compiled, self.grads, self.state, self.params = (compiled, grads,
-                                                          state, params)
+  The outputs at the positions ``threaded`` replace the (donated) arguments
+  at the same positions: ``Threaded(update, grads, state, params)`` threads
+  the state of an update ``(grads, state, params) -> (updates, state)``;
+  ``Threaded(step, params, state, batch, threaded=(0, 1))`` the parameters
+  and state of a train step ``-> (params, state, loss)``.
+  """
 
-  def __call__(self):
-    out, self.state = self.compiled(self.grads, self.state, self.params)
-    jax.block_until_ready((out, self.state))
+  def __init__(self, compiled, *args, threaded: Sequence[int] = (1,)):
+    self.compiled, self.args, self.threaded = (compiled, list(args),
+                                               tuple(threaded))
+
+  @property
+  def state(self) -> Any:
+    """The optimizer state (the second argument)."""
+    return self.args[1]
+
+  @state.setter
+  def state(self, value: Any) -> None:
+    self.args[1] = value
+
+  def __call__(self) -> Any:
+    out = self.compiled(*self.args)
+    for i in self.threaded:
+      self.args[i] = out[i]
+    jax.block_until_ready(out)
+    return out
 
 
 def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,
@@ -129,22 +220,36 @@ def compile_timed(fn: Callable, *args, **jit_kwargs):
 
 
 def interleaved_samples(fns: dict[str, Callable[[], Any]], repeats: int = 5,
-                        warmup: int = 1,
-                        progress: Any = None) -> dict[str, list[float]]:
+                        warmup: int = 1, progress: Any = None,
+                        fits: Callable[[float], bool] | None = None
+                        ) -> dict[str, list[float]]:
   """Like ``interleaved_times`` but returns every sample (seconds).
 
-  ``progress``, if given, is called with no argument after each round (e.g. a
-  tqdm bar's ``update``).
+  Args:
+    fns: the thunks, each blocking on its result.
+    repeats: rounds of timed calls, one call of every thunk a round.
+    warmup: untimed calls of each thunk first.
+    progress: if given, called with no argument after each round (e.g. a
+      tqdm bar's ``update``).
+    fits: a time budget: called before each round with the seconds the
+      previous round (at first the warm-up) took; the rounds stop when it
+      returns False.
   """
+  t_round = time.perf_counter()
   for fn in fns.values():
     for _ in range(warmup):
       fn()
+  round_s = time.perf_counter() - t_round
   times = {name: [] for name in fns}
   for _ in range(repeats):
+    if fits is not None and not fits(round_s):
+      break
+    t_round = time.perf_counter()
     for name, fn in fns.items():
       t0 = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t0)
+    round_s = time.perf_counter() - t_round
     if progress is not None:
       progress()
   return times

@@ -28,10 +28,8 @@ from tqdm.auto import tqdm
 import flora_optax
 from benchmarks import common
 from benchmarks import small_lm
+from benchmarks.common import BASELINE, GALORE_GAP, LR, Candidate
 
-LR = 1e-3
-BASELINE = 'adafactor(m=0.9)'
-GALORE_GAP = 200  # optax.contrib.galore's default update_proj_gap
 F32 = 4  # bytes
 KEY_BYTES = 8  # raw uint32 key data of the default PRNG implementation
 MIN_DIM_TO_FACTOR = 128  # optax.adafactor's default
@@ -42,50 +40,40 @@ MIN_DIM_TO_FACTOR = 128  # optax.adafactor's default
 
 @dataclasses.dataclass(frozen=True)
 class Size:
-  """How much of the benchmark to run."""
+  """How much of the benchmark to run (the defaults: the full run)."""
 
-  ranks: tuple[int, ...]
-  gpt2: tuple[str, ...]  # shapes for state bytes
-  timed_gpt2: str  # shapes for update memory / time of every candidate
-  big_gpt2: str | None  # update memory of the key candidates only
-  step_gpt2: str  # train-step memory (baseline vs flora at the middle rank)
-  step_tokens: tuple[int, int]  # (batch, seq) of that train step
-  lm: small_lm.LMConfig
-  repeats: int
-  lm_repeats: int
-  ks: tuple[int, ...]
-  rank_sweep: tuple[tuple[int, int], tuple[int, ...]]  # (shape, ranks)
-  size_sweep: tuple[tuple[tuple[int, int], ...], int]  # (shapes, rank)
-  sweep_repeats: int
+  ranks: tuple[int, ...] = (32, 128, 256)
+  gpt2: tuple[str, ...] = ('small', 'medium')  # shapes for state bytes
+  # Shapes for update memory / time of every candidate.
+  timed_gpt2: str = 'small'
+  big_gpt2: str | None = None  # update memory of the key candidates only
+  # Train-step memory (baseline vs flora at the middle rank), and the
+  # (batch, seq) of that train step.
+  step_gpt2: str = 'small'
+  step_tokens: tuple[int, int] = (1, 1024)
+  lm: small_lm.GPTConfig = small_lm.FULL
+  repeats: int = 3
+  lm_repeats: int = 8
+  ks: tuple[int, ...] = (4, 16)
+  # (shape, ranks) and (shapes, rank) of the scaling sweeps.
+  rank_sweep: tuple[tuple[int, int], tuple[int, ...]] = (
+      (512, 2048), (32, 128, 256))
+  size_sweep: tuple[tuple[tuple[int, int], ...], int] = (
+      ((256, 1024), (512, 2048), (1024, 4096)), 128)
+  sweep_repeats: int = 5
 
 
-FULL = Size(
-    ranks=(32, 128, 256),
-    gpt2=('small', 'medium'),
-    timed_gpt2='small',
-    big_gpt2=None,
-    step_gpt2='small',
-    step_tokens=(1, 1024),
-    lm=small_lm.FULL,
-    repeats=3,
-    lm_repeats=8,
-    ks=(4, 16),
-    rank_sweep=((512, 2048), (32, 128, 256)),
-    size_sweep=(((256, 1024), (512, 2048), (1024, 4096)), 128),
-    sweep_repeats=5,
-)
+FULL = Size()
 
 QUICK = Size(
     ranks=(16,),
     gpt2=('tiny',),
     timed_gpt2='nano',
-    big_gpt2=None,
     step_gpt2='nano',
     step_tokens=(1, 64),
     lm=small_lm.QUICK,
     repeats=2,
     lm_repeats=2,
-    ks=(4, 16),
     rank_sweep=((64, 256), (16,)),
     size_sweep=(((64, 256),), 16),
     sweep_repeats=2,
@@ -175,38 +163,22 @@ def formula_flora_multisteps(shapes, inner_bytes: int, rank: int) -> int:
 # --- candidates ----------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-  name: str
-  family: str
-  rank: int | None
-  make: Callable[[], optax.GradientTransformation]
-  formula: Callable[[Any], int]
-  k: int | None = None
-  inner: str | None = None
+def _formula(c: Candidate) -> Callable[[Any], int]:
+  """The state-bytes formula of one of :func:`common.candidates`' rows."""
+  if c.family == 'flora':
+    return lambda s: formula_flora(s, c.rank)
+  if c.family == 'galore':
+    return lambda s: formula_galore(s, c.rank)
+  if c.family == 'adamw':
+    return formula_adamw
+  return lambda s: formula_adafactor(s, c.name == BASELINE)
 
 
 def candidates(ranks) -> list[Candidate]:
-  """The baseline first, then optax's optimizers, Flora and GaLore."""
-  out = [
-      Candidate(BASELINE, 'adafactor', None,
-                lambda: optax.adafactor(LR, momentum=0.9),
-                lambda s: formula_adafactor(s, True)),
-      Candidate('adafactor', 'adafactor', None, lambda: optax.adafactor(LR),
-                lambda s: formula_adafactor(s, False)),
-      Candidate('adamw', 'adamw', None, lambda: optax.adamw(LR),
-                formula_adamw),
-  ]
-  for r in ranks:
-    out.append(Candidate(f'flora r={r}', 'flora', r,
-                         lambda r=r: flora_optax.flora(LR, r),
-                         lambda s, r=r: formula_flora(s, r)))
-  for r in ranks:
-    out.append(Candidate(
-        f'galore r={r}', 'galore', r,
-        lambda r=r: optax.contrib.galore(LR, r, update_proj_gap=GALORE_GAP),
-        lambda s, r=r: formula_galore(s, r)))
-  return out
+  """The baseline first, then optax's optimizers, Flora and GaLore, each with
+  its state-bytes formula."""
+  return [dataclasses.replace(c, formula=_formula(c))
+          for c in common.candidates(ranks)]
 
 
 _INNER = {
@@ -295,7 +267,7 @@ def update_figures(cands, size: str, *, timed: bool, repeats: int,
                  'family': c.family, 'rank': c.rank, 'k': c.k,
                  'compile_s': secs, **mem})
     if timed:
-      thunks[c.name] = common.ThreadedUpdate(compiled, grads, state, params)
+      thunks[c.name] = common.Threaded(compiled, grads, state, params)
   if not timed:
     return rows
   bar = tqdm(total=repeats, desc=f'{desc}: time', leave=False)
@@ -342,7 +314,7 @@ def multisteps_figures(ms_cands, size: str, *, repeats: int,
   base_state = jax.jit(base_tx.init)(params)
   base_c, _, _ = common.compile_timed(_update_fn(base_tx), grads, base_state,
                                       params, donate_argnums=1)
-  thunks = {BASELINE: common.ThreadedUpdate(base_c, grads, base_state, params)}
+  thunks = {BASELINE: common.Threaded(base_c, grads, base_state, params)}
   rows = {}
   for c in tqdm([c for c in ms_cands if c.k == k0], desc=f'{desc}: compile',
                 leave=False):
@@ -352,7 +324,7 @@ def multisteps_figures(ms_cands, size: str, *, repeats: int,
                                                params, donate_argnums=1)
     key = (c.family, c.inner)
     rows[key] = {'compile_s': secs, **mem}
-    thunks[key] = common.ThreadedUpdate(compiled, grads, state, params)
+    thunks[key] = common.Threaded(compiled, grads, state, params)
   calls = {key: {'micro': [], 'final': []} for key in rows}
   n_calls = max(repeats * k0, 2 * k0)
   # Interleaved: one call of each wrapper per round.
@@ -413,7 +385,7 @@ def train_step_memory(cands, size: str, tokens: tuple[int, int],
   return rows
 
 
-def small_lm_figures(cands, cfg: small_lm.LMConfig, repeats: int,
+def small_lm_figures(cands, cfg: small_lm.GPTConfig, repeats: int,
                      desc: str) -> dict[str, Any]:
   """Trains the small LM with every candidate, interleaved step by step.
 
@@ -454,8 +426,8 @@ def small_lm_figures(cands, cfg: small_lm.LMConfig, repeats: int,
     row['step_s'] = med[n]
     row['step_ratio'] = med[n] / med[BASELINE]
     row['losses'] = losses[n]
-  return {'config': dataclasses.asdict(cfg),
-          'tokens_per_step': cfg.tokens_per_step,
+  return {'config': cfg.record(),
+          'tokens_per_step': cfg.tokens,
           'n_params': sum(_numel(s) for s in _leaves(shapes)), 'rows': rows}
 
 
@@ -485,7 +457,7 @@ def _sweep_shape(shape, ranks, repeats) -> list[dict[str, Any]]:
     compiled, mem, _ = common.compile_timed(_update_fn(tx), grads, state,
                                             params, donate_argnums=1)
     mems[key] = mem
-    thunks[key] = common.ThreadedUpdate(compiled, grads, state, params)
+    thunks[key] = common.Threaded(compiled, grads, state, params)
   med = common.interleaved_times(thunks, repeats=repeats, warmup=1)
   # The refresh (a thin SVD of the whole matrix, then a slice to the rank)
   # costs the same at every rank: it is timed once per shape.
@@ -585,7 +557,7 @@ def run(quick: bool = False, parts: tuple[str, ...] | None = None,
     res['step'] = train_step_memory(key, size.step_gpt2, size.step_tokens,
                                     'train step')
   if 'lm' in parts:
-    log(f'small LM ({size.lm.tokens_per_step} tokens/step): train-step '
+    log(f'small LM ({size.lm.tokens} tokens/step): train-step '
         'memory and time')
     lm_cands = [c for c in cands
                 if c.family != 'galore' or c.rank == mid]

@@ -38,7 +38,7 @@ import optax
 import flora_optax
 from benchmarks import common
 from benchmarks import optimizers
-from benchmarks.optimizers import BASELINE, LR, Candidate
+from benchmarks.common import BASELINE, LR, Candidate
 from flora_optax._quantization import make_quantizer
 
 NAME = 'quantized'
@@ -211,7 +211,7 @@ def markdown(res: dict[str, Any]) -> str:
   ms = res['multisteps']
   ref = next(r for r in ms if r['family'] == 'optax.MultiSteps')
   rows = [[r['optimizer'], f"{common.mib(r['peak_bytes']):.0f}",
-           f"{(r['peak_bytes'] - ref['peak_bytes']) / 2**20:+.0f}",
+           f"{common.mib(r['peak_bytes'] - ref['peak_bytes']):+.0f}",
            f"{r['micro_s'] * 1e3:.0f}", f"{r['final_s'] * 1e3:.0f}",
            f"{r['per_call_s'] / ref['per_call_s']:.2f}",
            f"{r['compile_s']:.1f}"] for r in ms]

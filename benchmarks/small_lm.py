@@ -31,34 +31,56 @@ from examples import gpt
 from examples.data import stdlib_bytes
 
 
-@dataclasses.dataclass(frozen=True)
-class LMConfig:
-  """Shape of the model and of a batch."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTConfig:
+  """The GPT of ``examples/gpt.py`` in GPT-2's layout, and its batch.
 
-  n_layer: int = 2
-  d_model: int = 384
-  vocab: int = 256
-  seq_len: int = 128
-  batch: int = 16
+  The one model configuration of the benchmarks (this small LM,
+  :mod:`benchmarks.accumulation`, :mod:`benchmarks.gpu`).
+
+  Attributes:
+    n_layer: blocks.
+    d_model: width.
+    n_head: attention heads; ``None``: 64-wide heads, as in GPT-2 (this
+      module's ``loss_fn``).
+    vocab: vocabulary size.
+    seq_len: positions (and tokens per sequence).
+    batch: sequences per step.
+  """
+
+  n_layer: int
+  d_model: int
+  n_head: int | None = None
+  vocab: int
+  seq_len: int
+  batch: int
 
   @property
-  def tokens_per_step(self) -> int:
+  def tokens(self) -> int:
+    """Tokens per step."""
     return self.batch * self.seq_len
+
+  def record(self) -> dict[str, Any]:
+    """The fields, for the results JSON (an unset ``n_head`` left out)."""
+    return {k: v for k, v in dataclasses.asdict(self).items()
+            if v is not None}
 
 
 # 2048 tokens per step; d_model = 384 > 256, so ranks up to 256 compress.
-FULL = LMConfig()
-QUICK = LMConfig(n_layer=1, d_model=64, seq_len=32, batch=4)
+FULL = GPTConfig(n_layer=2, d_model=384, vocab=256, seq_len=128, batch=16)
+QUICK = GPTConfig(n_layer=1, d_model=64, vocab=256, seq_len=32, batch=4)
 
 
-def param_shapes(cfg: LMConfig) -> dict[str, Any]:
+def param_shapes(cfg: GPTConfig) -> dict[str, Any]:
   """GPT-2-layout parameter shapes of ``cfg`` (float32)."""
   return common.gpt2_layout(cfg.n_layer, cfg.d_model, cfg.vocab, cfg.seq_len)
 
 
-def init_params(shapes: Any, seed: int = 0) -> Any:
-  """GPT-2's initialisation: N(0, 0.02) kernels, LayerNorm scale 1, bias 0."""
-  return gpt.gpt2_init(shapes, seed)
+def init_params(shapes: Any, seed: int = 0, random_biases: bool = False
+                ) -> Any:
+  """GPT-2's initialisation: N(0, 0.02) kernels, LayerNorm scale 1, bias 0
+  (N(0, 0.02) too with ``random_biases``)."""
+  return gpt.gpt2_init(shapes, seed, random_biases=random_biases)
 
 
 def loss_fn(params: Any, batch: jax.Array, scan_layers: bool = True
@@ -85,7 +107,7 @@ def make_train_step(tx: optax.GradientTransformation,
 class Batches:
   """Random windows of ``seq_len + 1`` bytes, from a seeded NumPy generator."""
 
-  def __init__(self, cfg: LMConfig, seed: int = 0, max_bytes: int = 4 << 20):
+  def __init__(self, cfg: GPTConfig, seed: int = 0, max_bytes: int = 4 << 20):
     self.text = stdlib_bytes(max_bytes).astype(np.int32)
     self.cfg = cfg
     self._windows = data_lib.windows(self.text, cfg.batch, cfg.seq_len, seed)
@@ -94,5 +116,5 @@ class Batches:
     return jnp.asarray(next(self._windows))
 
 
-def batch_shape(cfg: LMConfig) -> jax.ShapeDtypeStruct:
+def batch_shape(cfg: GPTConfig) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((cfg.batch, cfg.seq_len + 1), jnp.int32)

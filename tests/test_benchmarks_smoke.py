@@ -117,10 +117,10 @@ def test_gpu_quick_run_writes_every_section(tmp_path):
   upd = {r['optimizer']: r for r in res['update']['rows']}
   base = upd[gpu.BASELINE]
   assert base['update_ratio'] == 1.0
-  modes = gpu.flora_modes()
+  modes = gpu.FLORA_MODES
   for r in gpu.SIZES['quick'].ranks:
     for mode in modes:
-      row = upd[gpu._flora_name(r, mode)]  # pylint: disable=protected-access
+      row = upd[common.flora_name(r, mode)]
       # Flora's state is a sketch: smaller than a dense first moment.
       assert row['state_bytes'] < base['state_bytes'], row
       assert upd['adafactor']['state_bytes'] < row['state_bytes']
@@ -138,7 +138,7 @@ def test_gpu_quick_run_writes_every_section(tmp_path):
   for row in step.values():
     assert row['step_s'] > 0 and row['peak_bytes'] > 0, row
     assert math.isfinite(row['loss_after']), row
-  assert step[gpu._flora_name(gpu.SIZES['quick'].step_rank, modes[0])][  # pylint: disable=protected-access
+  assert step[common.flora_name(gpu.SIZES['quick'].step_rank, modes[0])][
       'state_bytes'] < step[gpu.BASELINE]['state_bytes']
 
   impls = {r['impl']: r for r in res['projection']['rows']}
