@@ -1,0 +1,53 @@
+r"""Quality study (issue 11): does Flora's compressed momentum train as well?
+
+Every optimizer here is the same Adafactor (factored second moment, block-RMS
+clipping at 1.0, no parameter scale, the same warmup-cosine schedule), and the
+rows differ only in the first moment:
+
+- ``adafactor``: uncompressed momentum 0.9 (``optax.adafactor``);
+- ``adafactor_nomomentum``: none;
+- ``flora_paper``: Flora's momentum as in the paper (``residual=False``,
+  right after ``scale_by_factored_rms``);
+- ``flora_residual_<scale>_<position>``: residual momentum (DESIGN.md section
+  2) with the subspace part scaled as ``Π_c M`` (``projection``) or
+  ``decompress_c(M)`` (``unbiased``), the momentum in the paper's position or
+  in ``optax.adafactor``'s (after clipping and the learning rate). The
+  ``unbiased`` rows are recorded in the results and reported, no longer run:
+  flora_optax dropped that option once the study had settled it;
+- ``lora``: uncompressed momentum on a LoRA-reparametrised model of the same
+  rank (``W = W0 + A B``, ``W0`` frozen at the full model's init, ``B = 0``);
+
+and, on the language model, accumulation over ``K = 4`` micro-batches (the
+same examples per update) with ``flora_optax.MultiSteps`` or
+``optax.MultiSteps`` around Adafactor without momentum.
+
+Each configuration trains every (seed, learning rate) pair at once: one jitted
+program, ``vmap`` over models and ``lax.scan`` over steps. A seed fixes the
+model init, the data order and the projection key. Each optimizer is reported
+at its best learning rate by mean final (held-out) loss; when the best is at
+an edge of the grid, the grid is extended on that side. Results go to
+``benchmarks/results/quality.{json,md,png}``, merged into an earlier JSON so
+that parts can be rerun::
+
+    python -m benchmarks.quality                  # the full study
+    python -m benchmarks.quality --quick          # a smoke run (results/quick/)
+    python -m benchmarks.quality --tasks lm --variants flora_paper --ratios 4
+
+Modules, by concern: :mod:`.settings` (the study's constants),
+:mod:`.tasks`, :mod:`.variants` (the rows' optimizers), :mod:`.training`,
+:mod:`.report` (targets, markdown, plot), :mod:`.watchdog` and :mod:`.cli`.
+"""
+
+from benchmarks import common
+
+# Before JAX's first computation (the tasks compute when built).
+common.avoid_xla_cpu_hang()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.quality.cli import QUICK, main, parse_args  # noqa: E402,F401
+from benchmarks.quality.tasks import TASKS  # noqa: E402,F401
+from benchmarks.quality.training import (  # noqa: E402,F401
+    best_lr, run_row, train)
+# Not the function variants(): the name is its module's.
+from benchmarks.quality.variants import flora_chain, runnable  # noqa: E402,F401
+# pylint: enable=g-import-not-at-top,wrong-import-position

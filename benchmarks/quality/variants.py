@@ -1,0 +1,277 @@
+"""The study's rows: which optimizer each one trains.
+
+Every row is the same Adafactor (:data:`settings.ADAFACTOR`) and differs only
+in the first moment. The Flora rows other than the library's default are
+built from public parts (:func:`flora_chain`), the default is
+``flora_optax.flora`` itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+import flora_optax
+from benchmarks.quality.settings import ACCUMULATE, ADAFACTOR, MOMENTUM
+from flora_optax._momentum import DEFAULT_RESIDUAL
+
+# make(learning_rate, rank, key, resample_every) -> GradientTransformation.
+MakeTx = Callable[[optax.Schedule, int | None, Any, int],
+                  optax.GradientTransformation]
+MOMENTUM_POSITIONS = ('paper', 'optax')
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row of the study.
+
+  Attributes:
+    name: the key used on the command line and in the results.
+    label: what the tables say.
+    make: builds the optimizer (see ``MakeTx``); ``None``: a row whose
+      figures are recorded in the results but that can no longer be built
+      (``flora_optax`` dropped its option), reported, not run.
+    ranked: whether it depends on the rank (one row per ``d/r``).
+    lora: trains the LoRA-reparametrised model.
+    accumulate: micro-batches per update (same examples per update).
+    lm_only: run on the language model only.
+    flora: the Flora momentum's options, ``residual``, ``momentum_position``
+      (and ``subspace_scale`` in residual mode); ``None``: not a Flora
+      momentum row.
+  """
+
+  name: str
+  label: str
+  make: MakeTx | None
+  ranked: bool
+  lora: bool = False
+  accumulate: int = 1
+  lm_only: bool = False
+  flora: dict[str, Any] | None = None
+
+
+def flora_chain(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int | None,
+    *,
+    residual: bool,
+    momentum_position: str,
+    momentum: float = 0.9,
+    key: Any = 0,
+    resample_every: int | None = 1000,
+    min_dim_size_to_factor: int = 128,
+    decay_rate: float = 0.8,
+    decay_offset: int = 0,
+    multiply_by_parameter_scale: bool = True,
+    clipping_threshold: float | None = 1.0,
+    eps: float = 1e-30,
+    factored: bool = True,
+) -> optax.GradientTransformation:
+  """``flora_optax.flora`` built from public parts, its momentum anywhere.
+
+  The chain of ``optax.adafactor`` with the momentum replaced by
+  ``flora_optax.compressed_momentum``, placed right after
+  ``scale_by_factored_rms`` (``momentum_position='paper'``, the paper's
+  order) or after clipping, the learning rate and the parameter scale
+  (``'optax'``, ``optax.adafactor``'s order). ``flora_optax.flora`` puts
+  paper-mode momentum (``residual=False``) in the paper's position and
+  residual momentum in optax's; there this chain equals it bit for bit
+  (``tests/test_quality_variants.py``). Arguments as in ``flora``.
+  """
+  if momentum_position not in MOMENTUM_POSITIONS:
+    raise ValueError(f'momentum_position must be one of {MOMENTUM_POSITIONS},'
+                     f' not {momentum_position!r}')
+  # The arguments in flora's order: optax's third is its step_offset.
+  tx = [optax.scale_by_factored_rms(factored, decay_rate, decay_offset,
+                                    min_dim_size_to_factor, eps)]
+  momentum_tx = flora_optax.compressed_momentum(
+      rank, decay=momentum, resample_every=resample_every, key=key,
+      residual=residual)
+  if momentum_position == 'paper':
+    tx.append(momentum_tx)
+  if clipping_threshold is not None:
+    tx.append(optax.clip_by_block_rms(clipping_threshold))
+  tx.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
+  if multiply_by_parameter_scale:
+    tx.append(optax.scale_by_param_block_rms())
+  if momentum_position == 'optax':
+    tx.append(momentum_tx)
+  tx.append(optax.scale(-1))
+  return optax.chain(*tx)
+
+
+def library_defaults() -> dict[str, Any]:
+  """The Flora momentum options that plain ``flora_optax.flora`` uses."""
+  residual = DEFAULT_RESIDUAL
+  # flora puts the paper's algorithm in the paper's position and residual
+  # momentum in optax's; its residual momentum's subspace part is the
+  # orthogonal projection (the study's 'projection' scale, the only one
+  # flora_optax has now).
+  return dict(residual=residual,
+              momentum_position='optax' if residual else 'paper',
+              subspace_scale='projection')
+
+
+def _adafactor(momentum: float | None) -> MakeTx:
+  def make(lr, rank, key, resample_every):
+    del rank, key, resample_every
+    return optax.adafactor(lr, momentum=momentum, **ADAFACTOR)
+  return make
+
+
+def _flora(options: dict[str, Any]) -> MakeTx:
+  """The Flora momentum row of ``options``: ``flora_optax.flora`` when they
+  are the library's defaults, :func:`flora_chain` otherwise."""
+  residual, position = options['residual'], options['momentum_position']
+  default = library_defaults()
+
+  def make(lr, rank, key, resample_every):
+    if (residual, position) == (default['residual'],
+                                default['momentum_position']):
+      return flora_optax.flora(lr, rank, momentum=MOMENTUM, key=key,
+                               resample_every=resample_every,
+                               residual=residual, **ADAFACTOR)
+    return flora_chain(lr, rank, residual=residual,
+                       momentum_position=position, momentum=MOMENTUM, key=key,
+                       resample_every=resample_every, **ADAFACTOR)
+  return make
+
+
+def _multisteps(compressed: bool) -> MakeTx:
+  def make(lr, rank, key, resample_every):
+    del resample_every
+    inner = optax.adafactor(lr, **ADAFACTOR)  # no momentum, as in the paper
+    if compressed:
+      return flora_optax.MultiSteps(inner, ACCUMULATE, rank=rank,
+                                    key=key).gradient_transformation()
+    return optax.MultiSteps(inner, ACCUMULATE).gradient_transformation()
+  return make
+
+
+def _quantized(bits: int, ranked: bool, **options: Any) -> MakeTx:
+  """Adafactor whose momentum is kept in ``bits``-bit codes: in every
+  direction (``ranked=False``) or as Flora's default sketch; ``options``:
+  the quantization keywords (block size, code map, rounding)."""
+  def make(lr, rank, key, resample_every):
+    return flora_optax.flora(lr, rank if ranked else None, momentum=MOMENTUM,
+                             key=key, resample_every=resample_every,
+                             bits=bits, **options, **ADAFACTOR)
+  return make
+
+
+# How the defaults of the quantized momentum were chosen: each row changes
+# one keyword of the library's default (code map, block size, rounding).
+QUANT_ABLATIONS = {
+    'momentum_8bit_sqrt': (8, dict(code_map='sqrt')),
+    'momentum_4bit_sqrt': (4, dict(code_map='sqrt')),
+    'momentum_4bit_block128': (4, dict(block_size=128)),
+    'momentum_4bit_sqrt_block128': (4, dict(code_map='sqrt', block_size=128)),
+    'momentum_4bit_sqrt_block256': (4, dict(code_map='sqrt', block_size=256)),
+    'momentum_4bit_sqrt_block128_stochastic': (4, dict(
+        code_map='sqrt', block_size=128, stochastic_rounding=True)),
+}
+
+
+def _adafactor_bf16() -> MakeTx:
+  def make(lr, rank, key, resample_every):
+    del rank, key, resample_every
+    return optax.adafactor(lr, momentum=MOMENTUM, dtype_momentum=jnp.bfloat16,
+                           **ADAFACTOR)
+  return make
+
+
+def _multisteps_quantized(bits: int, **options: Any) -> MakeTx:
+  def make(lr, rank, key, resample_every):
+    del rank, resample_every
+    inner = optax.adafactor(lr, **ADAFACTOR)
+    return flora_optax.MultiSteps(inner, ACCUMULATE, rank=None, key=key,
+                                  bits=bits, **options
+                                  ).gradient_transformation()
+  return make
+
+
+def _flora_rows() -> list[Variant]:
+  """The Flora momentum rows: the paper's, and residual momentum with its
+  subspace part scaled as ``Π_c M`` (``projection``) or ``decompress_c(M)``
+  (``unbiased``: recorded only, flora_optax no longer builds it) in both
+  positions."""
+  paper = dict(residual=False, momentum_position='paper')
+  rows = [Variant('flora_paper', 'Flora, paper (residual=False)',
+                  _flora(paper), ranked=True, flora=paper)]
+  for scale in ('projection', 'unbiased'):
+    for position in ('paper', 'optax'):
+      opts = dict(residual=True, subspace_scale=scale,
+                  momentum_position=position)
+      rows.append(Variant(
+          f'flora_residual_{scale}_{position}',
+          f'Flora, residual, {scale} scale, {position} position',
+          _flora(opts) if scale == 'projection' else None, ranked=True,
+          flora=opts))
+  return rows
+
+
+def variants() -> dict[str, Variant]:
+  """Every row of the study, in table order (recorded-only rows included)."""
+  rows = [
+      Variant('adafactor', f'Adafactor, momentum {MOMENTUM}',
+              _adafactor(MOMENTUM), ranked=False),
+      Variant('adafactor_nomomentum', 'Adafactor, no momentum',
+              _adafactor(None), ranked=False),
+      *_flora_rows(),
+      Variant('lora', f'LoRA + Adafactor, momentum {MOMENTUM}',
+              _adafactor(MOMENTUM), ranked=True, lora=True),
+      Variant('multisteps_optax', f'optax.MultiSteps (K={ACCUMULATE})',
+              _multisteps(False), ranked=False, accumulate=ACCUMULATE,
+              lm_only=True),
+      Variant('multisteps_flora', f'flora_optax.MultiSteps (K={ACCUMULATE})',
+              _multisteps(True), ranked=True, accumulate=ACCUMULATE,
+              lm_only=True),
+      # Quantized states (issue 18): the same bytes spent on precision.
+      Variant('adafactor_bf16', f'Adafactor, bf16 momentum {MOMENTUM}',
+              _adafactor_bf16(), ranked=False),
+      Variant('momentum_8bit', 'momentum in 8-bit codes (rank=None, bits=8)',
+              _quantized(8, False), ranked=False),
+      Variant('momentum_4bit', 'momentum in 4-bit codes (rank=None, bits=4)',
+              _quantized(4, False), ranked=False),
+      Variant('flora_8bit', 'Flora sketch in 8-bit codes (bits=8)',
+              _quantized(8, True), ranked=True),
+      Variant('multisteps_8bit',
+              f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits=8)',
+              _multisteps_quantized(8), ranked=False, accumulate=ACCUMULATE,
+              lm_only=True),
+      Variant('multisteps_4bit',
+              f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits=4)',
+              _multisteps_quantized(4), ranked=False, accumulate=ACCUMULATE,
+              lm_only=True),
+  ]
+  for bits in (8, 4):
+    rows.append(Variant(
+        f'multisteps_{bits}bit_nearest',
+        f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits={bits}, '
+        'nearest rounding)',
+        _multisteps_quantized(bits, stochastic_rounding=False), ranked=False,
+        accumulate=ACCUMULATE, lm_only=True))
+  for name, (bits, options) in QUANT_ABLATIONS.items():
+    what = ', '.join(f'{k}={v!r}' for k, v in options.items())
+    rows.append(Variant(name, f'momentum in {bits}-bit codes ({what})',
+                        _quantized(bits, False, **options), ranked=False))
+  return {v.name: v for v in rows}
+
+
+def runnable() -> dict[str, Variant]:
+  """The rows this flora_optax can train."""
+  return {n: v for n, v in variants().items() if v.make is not None}
+
+
+def is_default(v: Variant, defaults: dict[str, Any]) -> bool:
+  """Whether ``v`` is what plain ``flora_optax.flora`` does."""
+  if v.flora is None:
+    return False
+  if not defaults['residual']:
+    return (not v.flora['residual'] and
+            v.flora['momentum_position'] == defaults['momentum_position'])
+  return v.flora == defaults
