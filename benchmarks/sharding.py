@@ -29,30 +29,19 @@ if __name__ == '__main__':
 # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
-import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flora_optax
 from benchmarks import common
+from benchmarks.common import BASELINE
 # pylint: enable=g-import-not-at-top
 
-BASELINE = 'adafactor(m=0.9)'
 _TYPE = re.compile(r'\b(f16|bf16|f32|f64|s32|u32|s8|u8|pred)\[([\d,]*)\]')
 _BYTES = {'f16': 2, 'bf16': 2, 'f32': 4, 'f64': 8, 's32': 4, 'u32': 4,
           's8': 1, 'u8': 1, 'pred': 1}
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
                 'collective-permute')
-
-
-def candidates(ranks):
-  out = {
-      BASELINE: optax.adafactor(1e-3, momentum=0.9),
-      'adamw': optax.adamw(1e-3),
-  }
-  for r in ranks:
-    out[f'flora(r={r})'] = flora_optax.flora(1e-3, rank=r)
-  return out
 
 
 def param_shardings(shapes, mesh):
@@ -129,8 +118,10 @@ def run(size='small', ranks=(32, 128)):
                        devices=jax.devices()[:8])
   shapes = common.gpt2_shapes(size)
   param_sh = param_shardings(shapes, mesh)
-  rows = [measure(k, tx, shapes, param_sh)
-          for k, tx in candidates(ranks).items()]
+  # The baseline, adamw and flora: what sharding changes per device.
+  rows = [measure(c.name, c.make(), shapes, param_sh)
+          for c in common.candidates(ranks)
+          if c.name in (BASELINE, 'adamw') or c.family == 'flora']
   base = next(r for r in rows if r['name'] == BASELINE)
   for r in rows:
     r['state_ratio'] = r['state_bytes_per_device'] / base[
