@@ -93,6 +93,37 @@ def momentum_state(opt_state):
   return mom
 
 
+# --- running an optimizer ----------------------------------------------------
+
+
+def run(tx, grads_seq, params=None, step=None, *, init=None,
+        every_state=False):
+  """Applies ``tx`` to each gradient tree of ``grads_seq`` in turn.
+
+  Args:
+    tx: the gradient transformation.
+    grads_seq: the gradients, one tree per step.
+    params: passed to every update; ``None``: the state is initialised from
+      the first gradients (and ``None`` passed).
+    step: the update to call (default ``jax.jit(tx.update)``), e.g. one
+      compiled once and reused, or with shardings.
+    init: the initialisation to call (default ``tx.init``).
+    every_state: return every step's state instead of the last one.
+
+  Returns:
+    ``(updates of every step, final state)``, or ``(updates, states)``.
+  """
+  step = step or jax.jit(tx.update)
+  state = (init or tx.init)(grads_seq[0] if params is None else params)
+  outs, states = [], []
+  for g in grads_seq:
+    u, state = step(g, state, params)
+    outs.append(u)
+    if every_state:
+      states.append(state)
+  return outs, (states if every_state else state)
+
+
 # --- small models -------------------------------------------------------------
 
 

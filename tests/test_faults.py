@@ -15,6 +15,8 @@ Documented behaviour (README, "Guarantees and limits"):
   it was, and the run continues exactly as if the step had never happened.
 """
 
+import functools
+
 import _helpers
 import chex
 import jax
@@ -81,16 +83,8 @@ def test_flora_non_finite_entry_poisons_its_leaf_only():
     g = _grads(t + 2, shapes)
 
 
-def _run(tx, grads_seq, params, step=None):
-  """Updates and states after each step, under jit."""
-  step = step or jax.jit(tx.update)
-  state = tx.init(params)
-  outs, states = [], []
-  for g in grads_seq:
-    u, state = step(g, state, params)
-    outs.append(u)
-    states.append(state)
-  return outs, states
+# Updates and states after each step, under jit.
+_run = functools.partial(_helpers.run, every_state=True)
 
 
 @pytest.mark.parametrize('make,bad_at', [

@@ -35,12 +35,7 @@ def _run(tx, grads_seq, params=None):
   # One jitted step per transformation, reused across tests (compiles
   # dominate this module's time).
   step = _STEPS.setdefault(id(tx), (tx, jax.jit(tx.update)))[1]
-  state = tx.init(grads_seq[0] if params is None else params)
-  outs = []
-  for g in grads_seq:
-    u, state = step(g, state, params)
-    outs.append(u)
-  return outs, state
+  return _helpers.run(tx, grads_seq, params, step)
 
 
 def _upcast(tree):

@@ -40,14 +40,8 @@ def _grads(step):
 
 
 def _run(tx, steps, update=None):
-  params = _params()
-  state = tx.init(params)
-  update = update or jax.jit(tx.update)
-  outs = []
-  for t in range(steps):
-    u, state = update(_grads(t), state, params)
-    outs.append(u)
-  return outs, state
+  return _helpers.run(tx, [_grads(t) for t in range(steps)], _params(),
+                      update)
 
 
 # One reference optimizer, compiled once for the whole module.

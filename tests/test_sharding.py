@@ -100,12 +100,7 @@ def _run(tx, params, grads_seq, param_sh=None, mesh=None):
                    out_shardings=(param_sh, state_sh))
     params = jax.device_put(params, param_sh)
     grads_seq = [jax.device_put(g, param_sh) for g in grads_seq]
-  state = init(params)
-  outs = []
-  for g in grads_seq:
-    u, state = step(g, state, params)
-    outs.append(u)
-  return outs, state
+  return _helpers.run(tx, grads_seq, params, step, init=init)
 
 
 # --- 1. Same updates on every mesh -----------------------------------------
