@@ -4,12 +4,16 @@ Two compressors that compose: Flora's random projection (Hao, Cao and Mou,
 ICML 2024) keeps the momentum and the gradient accumulator of every matrix as
 a random sketch ``G Pᵀ`` of size ``r·max(n, m)`` instead of ``n·m``,
 regenerating ``P`` from a key; block-wise quantization (``bits=8`` or ``4``)
-keeps a state, sketched or not, in 8- or 4-bit codes.
+keeps a state, sketched or not, in 8- or 4-bit codes, and both moments of
+:func:`adamw`.
 """
 
 from flora_optax._accumulation import MultiSteps as MultiSteps
 from flora_optax._accumulation import MultiStepsState as MultiStepsState
 from flora_optax._accumulation import accumulate_gradients as accumulate_gradients
+from flora_optax._adam import ScaleByAdamState as ScaleByAdamState
+from flora_optax._adam import adamw as adamw
+from flora_optax._adam import scale_by_adam as scale_by_adam
 from flora_optax._alias import flora as flora
 from flora_optax._keys import cycle_key as cycle_key
 from flora_optax._momentum import CompressedMomentumState as CompressedMomentumState
@@ -31,10 +35,13 @@ __all__ = [
     'MultiStepsState',
     'Projector',
     'QuantizedArray',
+    'ScaleByAdamState',
     'TransferStabilityWarning',
     'accumulate_gradients',
+    'adamw',
     'compressed_momentum',
     'cycle_key',
     'flora',
+    'scale_by_adam',
     'state_shardings',
 ]

@@ -66,18 +66,41 @@ class MultiStepsState(NamedTuple):
   key: jax.Array | None = None  # shape=(2,), dtype=jnp.uint32; set by init.
 
 
+def _add(acc: jax.Array, c: jax.Array, n: Any, use_grad_mean: bool):
+  """One micro-gradient's sketch ``c`` added to a float accumulator."""
+  if use_grad_mean:
+    # Welford's running mean, as optax.MultiSteps: stable in low precision.
+    return acc + (c - acc) / (n + 1)
+  return acc + c
+
+
 def _accumulate(leaves: Leaves, ps, grads, accs, n,
                 use_grad_mean: bool) -> list[Any]:
-  """Adds one micro-gradient's sketches to the accumulators.
+  """Adds one micro-gradient's sketches to the float accumulators.
 
   Shared by :class:`MultiSteps` and :func:`accumulate_gradients`, which
   therefore agree bit for bit.
   """
   cs = leaves.compress(grads, ps)
-  if use_grad_mean:
-    # Welford's running mean, as optax.MultiSteps: stable in low precision.
-    return [acc + (c - acc) / (n + 1) for c, acc in zip(cs, accs)]
-  return [acc + c for c, acc in zip(cs, accs)]
+  return [_add(acc, c, n, use_grad_mean) for c, acc in zip(cs, accs)]
+
+
+def _accumulate_stored(leaves: Leaves, ps, grads, stored, n,
+                       use_grad_mean: bool, dtype: Any,
+                       key: jax.Array | None) -> list[Any]:
+  """:func:`_accumulate` from and to stored accumulators, leaf after leaf:
+  a quantized one is decoded once the previous one is encoded again, so
+  that one float32 copy is alive at a time (``_quantization.after``)."""
+  cs = leaves.compress(grads, ps)
+  out, prev = [], None
+  for i, (c, s) in enumerate(zip(cs, stored)):
+    if prev is not None and _quantization.is_quantized(s):
+      s = _quantization.after(prev, s)
+    acc = _add(leaves.load_one(i, s), c, n, use_grad_mean)
+    out.append(leaves.store_one(i, acc, dtype, key))
+    if _quantization.is_quantized(out[-1]):
+      prev = out[-1]
+  return out
 
 
 def _cast_dtypes(new: Any, old: Any) -> Any:
@@ -325,28 +348,32 @@ class MultiSteps:
     cycle_key = _keys.cycle_key(state.key, state.gradient_step,
                                 'accumulation', impl=self._key)
     ps = leaves.draw(cycle_key)  # once, for compression and decompression
-    accs = _accumulate(leaves, ps, leaves.flatten(updates),
-                       leaves.load(leaves.flatten(state.acc_grads)),
-                       state.mini_step, self._use_grad_mean)
+    gs, stored = leaves.flatten(updates), leaves.flatten(state.acc_grads)
+    rounding = _rounding_key(self._quantizer, state.key, state.gradient_step,
+                             state.mini_step, self._key)
     emit = state.mini_step == k_steps - 1
 
-    def emit_update(accs, inner_state):
+    def emit_update(stored, inner_state):
+      accs = _accumulate(leaves, ps, gs, leaves.load(stored), state.mini_step,
+                         self._use_grad_mean)
       mean = leaves.unflatten(leaves.decompress(accs, ps))
       new_updates, new_inner = inner(optax.tree.cast_like(mean, updates),
                                      inner_state)
-      zeros = [jnp.zeros_like(a) for a in accs]
+      # Zero codes and scales, or float zeros: what storing zeros gives,
+      # without encoding constants (XLA would fold them, slowly).
+      zeros = [jax.tree.map(jnp.zeros_like, s) for s in stored]
       return new_updates, _cast_dtypes(new_inner, inner_state), zeros
 
-    def hold(accs, inner_state):
-      return _zero_updates(inner, updates, inner_state), inner_state, accs
+    def hold(stored, inner_state):
+      # Accumulated and stored inside the branch: the float accumulators
+      # of every leaf are never operands of the cond at once.
+      return (_zero_updates(inner, updates, inner_state), inner_state,
+              _accumulate_stored(leaves, ps, gs, stored, state.mini_step,
+                                 self._use_grad_mean, acc_dtype, rounding))
 
     # The inner optimizer runs on the last micro-step only.
     new_updates, new_inner, new_accs = jax.lax.cond(
-        emit, emit_update, hold, accs, state.inner_opt_state)
-    new_accs = leaves.store(
-        new_accs, acc_dtype,
-        _rounding_key(self._quantizer, state.key, state.gradient_step,
-                      state.mini_step, self._key))
+        emit, emit_update, hold, stored, state.inner_opt_state)
     return new_updates, MultiStepsState(
         mini_step=optax.safe_increment(state.mini_step) % k_steps,
         gradient_step=jnp.where(emit,
@@ -484,10 +511,13 @@ def accumulate_gradients(
                        n, use_grad_mean)
     return accs, aux
 
-  def body(accs, xs):
-    accs, aux = add(accs, *xs)
-    return leaves.store(accs, acc_dtype,
-                        _rounding_key(quantizer, key, step, xs[0], None)), aux
+  def body(stored, xs):
+    n, batch = xs
+    out = grad_fn(params, batch)
+    grads, aux = out if has_aux else (out, None)
+    return _accumulate_stored(
+        leaves, ps, leaves.flatten(grads), stored, n, use_grad_mean,
+        acc_dtype, _rounding_key(quantizer, key, step, n, None)), aux
 
   accs0 = leaves.flatten(_leaves.sketch_zeros(projector, grad_shapes,
                                               acc_dtype, quantizer))

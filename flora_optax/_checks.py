@@ -130,6 +130,18 @@ def check_decay(decay: Any, name: str = 'decay') -> None:
     raise ValueError(f'`{name}` must be in [0, 1), got {float(decay)}.')
 
 
+def check_nonnegative(value: Any, name: str) -> None:
+  """A real scalar ``>= 0`` (its range checked when it is concrete)."""
+  if isinstance(value, bool) or not isinstance(
+      value, (int, float, np.number, jax.Array, np.ndarray)):
+    raise TypeError(f'`{name}` must be a float >= 0, got {value!r}.')
+  if np.ndim(value) != 0:
+    raise ValueError(f'`{name}` must be a scalar >= 0, got shape '
+                     f'{np.shape(value)}.')
+  if _is_concrete(value) and not float(value) >= 0.0:
+    raise ValueError(f'`{name}` must be >= 0, got {float(value)}.')
+
+
 def check_resample_every(value: Any, name: str = 'resample_every') -> None:
   """A positive int32 scalar, or None (never resample)."""
   if value is None:

@@ -51,6 +51,8 @@ ACCUMULATION_PURPOSE = 0x616363  # 'acc'
 # The noise of stochastic rounding of quantized states (never a projection).
 MOMENTUM_ROUNDING_PURPOSE = 0x6D726E  # 'mrn'
 ACCUMULATION_ROUNDING_PURPOSE = 0x61726E  # 'arn'
+ADAM_MU_ROUNDING_PURPOSE = 0x616D72  # 'amr'
+ADAM_NU_ROUNDING_PURPOSE = 0x616E72  # 'anr'
 
 def _is_typed(key: Any) -> bool:
   return isinstance(key, jax.Array) and jax.dtypes.issubdtype(
@@ -160,7 +162,9 @@ def leaf_key(step_key: jax.Array, path: Any) -> jax.Array:
 
 _PURPOSES = {'momentum': MOMENTUM_PURPOSE, 'accumulation': ACCUMULATION_PURPOSE,
              'momentum_rounding': MOMENTUM_ROUNDING_PURPOSE,
-             'accumulation_rounding': ACCUMULATION_ROUNDING_PURPOSE}
+             'accumulation_rounding': ACCUMULATION_ROUNDING_PURPOSE,
+             'adam_mu_rounding': ADAM_MU_ROUNDING_PURPOSE,
+             'adam_nu_rounding': ADAM_NU_ROUNDING_PURPOSE}
 
 
 def cycle_key(key: KeyLike, cycle: jax.typing.ArrayLike,
@@ -181,7 +185,9 @@ def cycle_key(key: KeyLike, cycle: jax.typing.ArrayLike,
       ``'momentum_rounding'`` / ``'accumulation_rounding'`` (the noise of
       stochastic rounding of quantized states: in step ``t`` of the
       momentum, or micro-step ``i`` of accumulation cycle ``j`` with
-      ``cycle = j`` and ``fold_in(·, i)``; per leaf ``fold_in(·, leaf_id)``).
+      ``cycle = j`` and ``fold_in(·, i)``; per leaf ``fold_in(·, leaf_id)``),
+      ``'adam_mu_rounding'`` / ``'adam_nu_rounding'`` (the same for the
+      moments of :func:`scale_by_adam`, with ``cycle`` its step ``t``).
     impl: the PRNG implementation of an int seed or raw key data (e.g. the
       ``key`` field of a state): a name such as ``'rbg'``, or a typed key
       whose implementation to use, such as the typed key the optimizer was

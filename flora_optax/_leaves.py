@@ -97,26 +97,35 @@ class Leaves:
     _checks.check_sketches(self.unflatten(self.plans), stored, what, params,
                            self.stored_shape, is_quantized)
 
+  def load_one(self, i: int, stored: Any) -> jax.Array:
+    """Leaf ``i``'s stored state (sketch or dense) as a float in its compute
+    dtype."""
+    _, plan, dtype = self.items[i]
+    if isinstance(stored, QuantizedArray):
+      return self.quantizer.decode(stored, plan.sketch_shape, dtype)
+    return stored.astype(dtype)
+
+  def store_one(self, i: int, value: jax.Array, dtype: Any,
+                key: jax.Array | None = None) -> Any:
+    """Leaf ``i``'s float state as it is stored: quantized where
+    :meth:`quantized`, else cast to ``dtype``. ``key`` (typed) draws
+    stochastic rounding's noise, ``leaf_key(key, path)`` as the
+    projections."""
+    path, plan, _ = self.items[i]
+    if not self.quantized(plan):
+      return value.astype(dtype)
+    q = self.quantizer
+    return q.encode(value, _keys.leaf_key(key, path)
+                    if q.stochastic_rounding else None)
+
   def load(self, stored: Sequence[Any]) -> list[jax.Array]:
     """Stored states (sketches or dense) as floats in the compute dtype."""
-    return [
-        self.quantizer.decode(s, plan.sketch_shape, dtype)
-        if isinstance(s, QuantizedArray) else s.astype(dtype)
-        for (_, plan, dtype), s in zip(self.items, stored)
-    ]
+    return [self.load_one(i, s) for i, s in enumerate(stored)]
 
   def store(self, values: Sequence[jax.Array], dtype: Any,
             key: jax.Array | None = None) -> list[Any]:
-    """Float states as they are stored: quantized where :meth:`quantized`,
-    else cast to ``dtype``. ``key`` (typed) draws stochastic rounding's
-    noise, per leaf ``leaf_key(key, path)`` as the projections."""
-    q = self.quantizer
-    return [
-        q.encode(v, _keys.leaf_key(key, path)
-                 if q.stochastic_rounding else None)
-        if self.quantized(plan) else v.astype(dtype)
-        for (path, plan, _), v in zip(self.items, values)
-    ]
+    """:meth:`store_one` of every leaf, with one ``dtype`` for all."""
+    return [self.store_one(i, v, dtype, key) for i, v in enumerate(values)]
 
   def unflatten(self, leaves: Sequence[Any]) -> Any:
     return self.treedef.unflatten(leaves)
@@ -151,7 +160,8 @@ class Leaves:
 def sketch_zeros(projector: Any, params: Any, dtype: Any,
                  quantizer: Quantizer | None = None) -> Any:
   """Zero states of ``params``'s leaves: sketches of compressed leaves, dense
-  zeros of the others, quantized where ``quantizer`` quantizes them.
+  zeros of the others, quantized where ``quantizer`` quantizes them; float
+  states in ``dtype`` (``None``: each leaf's own).
 
   Sharded like the params on an Explicit-axes mesh (codes and scales like
   the sketch); under Flax NNX the sketches get their params' sharding names
@@ -161,7 +171,8 @@ def sketch_zeros(projector: Any, params: Any, dtype: Any,
 
   def zeros(plan, x):
     if quantizer is None or not quantizer.quantizes(plan.sketch_shape):
-      return _sharding.sketch_zeros(plan, x, dtype)
+      return _sharding.sketch_zeros(plan, x, x.dtype if dtype is None else
+                                    dtype)
     return quantizer.zeros(
         plan.sketch_shape,
         lambda shape, dt: _sharding.sketch_zeros(plan, x, dt, shape))

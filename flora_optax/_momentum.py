@@ -376,42 +376,50 @@ def make_compressed_momentum(
     cycle_key = lambda c: _keys.cycle_key(  # noqa: E731
         state.key, c, 'momentum', impl=typed_key)
     gs = leaves.flatten(updates)
-    ms = leaves.load(leaves.flatten(state.mu))
+    stored = leaves.flatten(state.mu)
     ps = leaves.draw(cycle_key(cycle))
+    # The sketches of compressed leaves, loaded here when a new cycle may
+    # transfer them; dense leaves are loaded one at a time below.
+    sketches = {i: leaves.load_one(i, stored[i])
+                for i, p in enumerate(ps) if p is not None}
 
-    if new_cycle is not None and any(p is not None for p in ps):
+    if new_cycle is not None and sketches:
 
       def transfer_all(ms):
         # The old projections are only drawn on the first step of a cycle.
         olds = leaves.draw(cycle_key(state.cycle))
         invs = gram_invs(leaves, olds, projected_state and transfer != 'reset')
-        return [
-            m if p is None else carry(plan, m, p_old, p, sh, inv)
-            for plan, m, p_old, p, sh, inv in zip(
-                leaves.plans, ms, olds, ps, leaves.shardings, invs)
-        ]
+        return {i: carry(leaves.plans[i], m, olds[i], ps[i],
+                         leaves.shardings[i], invs[i])
+                for i, m in ms.items()}
 
-      ms = jax.lax.cond(new_cycle, transfer_all, lambda ms: ms, ms)
+      sketches = jax.lax.cond(new_cycle, transfer_all, lambda ms: ms,
+                              sketches)
 
-    invs = gram_invs(leaves, ps, residual)
-    outs, new_ms = [], []
-    for plan, dt, g, m, p, sh, inv in zip(leaves.plans, leaves.dtypes, gs, ms,
-                                          ps, leaves.shardings, invs):
-      g32 = g.astype(dt)
-      if p is None:  # dense: an exact EMA
-        new_m = (1 - decay) * g32 + decay * m
-        out = decay * new_m + (1 - decay) * g32 if nesterov else new_m
-      else:
-        s = plan.compress(g32, p, sh)
-        new_m = (1 - decay) * s + decay * m
-        out = output(plan, g32, s, new_m, p, sh, inv)
-      outs.append(out.astype(g.dtype))
-      new_ms.append(new_m)
     rounding = None
     if quantizer is not None and quantizer.stochastic_rounding:
       rounding = _keys.cycle_key(state.key, count, 'momentum_rounding',
                                  impl=typed_key)
-    new_mu = leaves.store(new_ms, acc_dtype, rounding)
+    invs = gram_invs(leaves, ps, residual)
+    outs, new_mu, prev = [], [], None
+    for i, (plan, dt, g, p, sh, inv) in enumerate(zip(
+        leaves.plans, leaves.dtypes, gs, ps, leaves.shardings, invs)):
+      g32 = g.astype(dt)
+      if p is None:  # dense: an exact EMA
+        old = stored[i]
+        if prev is not None and _quantization.is_quantized(old):
+          # One float32 copy alive at a time (_quantization.after).
+          old = _quantization.after(prev, old)
+        new_m = (1 - decay) * g32 + decay * leaves.load_one(i, old)
+        out = decay * new_m + (1 - decay) * g32 if nesterov else new_m
+      else:
+        s = plan.compress(g32, p, sh)
+        new_m = (1 - decay) * s + decay * sketches[i]
+        out = output(plan, g32, s, new_m, p, sh, inv)
+      outs.append(out.astype(g.dtype))
+      new_mu.append(leaves.store_one(i, new_m, acc_dtype, rounding))
+      if _quantization.is_quantized(new_mu[-1]):
+        prev = new_mu[-1]
     return leaves.unflatten(outs), CompressedMomentumState(
         count=count, cycle=cycle, key=state.key, mu=leaves.unflatten(new_mu))
 
