@@ -10,17 +10,9 @@ import optax
 
 from flora_optax import _checks
 from flora_optax import _nnx
-from flora_optax._momentum import (DEFAULT_RESIDUAL, DEFAULT_SUBSPACE_SCALE,
-                                   make_compressed_momentum)
+from flora_optax._momentum import DEFAULT_RESIDUAL, compressed_momentum
 from flora_optax._types import (DimensionNumbersSpec, KeyLike, Projection,
                                 RankFn, Side, Transfer)
-
-MOMENTUM_POSITIONS = ('paper', 'optax')
-# Measured (README, "Which momentum"): in residual mode the momentum sits
-# where optax.adafactor puts it, after clipping, learning rate and parameter
-# scale.
-DEFAULT_RESIDUAL_POSITION = 'optax'
-
 
 def flora(
     learning_rate: optax.ScalarOrSchedule | None,
@@ -150,56 +142,10 @@ def flora(
     Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear
     Memory Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
-  return make_flora(**locals())
-
-
-def make_flora(
-    learning_rate: optax.ScalarOrSchedule | None,
-    rank: int | RankFn,
-    *,
-    resample_every: int | None = 1000,
-    momentum: float | None = 0.9,
-    key: KeyLike = 0,
-    nesterov: bool = False,
-    min_dim_size_to_factor: int | None = None,
-    decay_rate: float = 0.8,
-    decay_offset: int = 0,
-    multiply_by_parameter_scale: bool = True,
-    clipping_threshold: float | None = 1.0,
-    # A dtype instance, not the callable jnp.float32: optax.inject_hyperparams
-    # would take a callable for a schedule.
-    dtype_momentum: jax.typing.DTypeLike = jnp.dtype('float32'),
-    weight_decay_rate: float | None = None,
-    eps: float = 1e-30,
-    factored: bool = True,
-    weight_decay_mask: optax.Params | Callable[[optax.Params], optax.Params] | None = None,
-    projection: Projection = 'gaussian',
-    side: Side = 'smaller',
-    dimension_numbers: DimensionNumbersSpec = None,
-    transfer: Transfer = 'unbiased',
-    residual: bool = DEFAULT_RESIDUAL,
-    bits: int | None = None,
-    block_size: int | None = None,
-    code_map: str | None = None,
-    min_quantized_size: int | None = None,
-    stochastic_rounding: bool = False,
-    momentum_position: str | None = None,
-    subspace_scale: str = DEFAULT_SUBSPACE_SCALE,
-) -> optax.GradientTransformationExtraArgs:
-  """:func:`flora` with the measured choices as arguments.
-
-  Not public: ``benchmarks/quality.py`` builds the variants it compares with
-  it. ``momentum_position`` is ``'paper'`` (right after
-  ``scale_by_factored_rms``, the paper's order) or ``'optax'`` (after
-  clipping, learning rate and parameter scale, ``optax.adafactor``'s order);
-  ``None`` picks the default of the mode (``'paper'`` with
-  ``residual=False``). ``subspace_scale``: see
-  ``make_compressed_momentum``.
-  """
-  if momentum_position is None:
-    momentum_position = DEFAULT_RESIDUAL_POSITION if residual else 'paper'
-  _checks.check_choice(momentum_position, 'momentum_position',
-                       MOMENTUM_POSITIONS)
+  # Measured (README, "Which momentum"): in residual mode the momentum sits
+  # where optax.adafactor puts it, after clipping, learning rate and
+  # parameter scale; the paper's puts it right after scale_by_factored_rms.
+  paper_position = not residual
   # rank and min_dim_size_to_factor set state shapes. Under
   # optax.inject_hyperparams a number not in static_args arrives as an array
   # (an int default too: hence min_dim_size_to_factor=None).
@@ -218,7 +164,7 @@ def make_flora(
   ]
   momentum_tx = None
   if momentum is not None:
-    momentum_tx = make_compressed_momentum(
+    momentum_tx = compressed_momentum(
         rank,
         decay=momentum,
         resample_every=resample_every,
@@ -234,9 +180,8 @@ def make_flora(
         block_size=block_size,
         code_map=code_map,
         min_quantized_size=min_quantized_size,
-        stochastic_rounding=stochastic_rounding,
-        subspace_scale=subspace_scale)
-  if momentum_tx is not None and momentum_position == 'paper':
+        stochastic_rounding=stochastic_rounding)
+  if momentum_tx is not None and paper_position:
     tx.append(momentum_tx)
   if clipping_threshold is not None:
     tx.append(optax.clip_by_block_rms(clipping_threshold))
@@ -244,7 +189,7 @@ def make_flora(
     tx.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
   if multiply_by_parameter_scale:
     tx.append(optax.scale_by_param_block_rms())
-  if momentum_tx is not None and momentum_position == 'optax':
+  if momentum_tx is not None and not paper_position:
     tx.append(momentum_tx)
   if weight_decay_rate is not None:
     tx.append(optax.add_decayed_weights(weight_decay_rate,

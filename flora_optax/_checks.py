@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flora_optax import _keys
-from flora_optax._types import (DimensionNumbers, KeyLike, KeyPath,
+from flora_optax._types import (DimensionNumbers, KeyPath,
                                 is_dimension_numbers_leaf)
 
 _INT32_MAX = 2**31 - 1
@@ -34,7 +33,7 @@ def leaf_name(path: KeyPath) -> str:
   return jax.tree_util.keystr(path) or '<root>'
 
 
-def _is_concrete(x: Any) -> bool:
+def is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
@@ -102,7 +101,7 @@ def check_min_dim_size_to_factor(value: Any) -> int:
     # optax.scale_by_factored_rms compares it with shapes in Python: a
     # concrete array (optax.inject_hyperparams at an eager init) is read back,
     # a traced one can not be.
-    if not _is_concrete(value):
+    if not is_concrete(value):
       raise TypeError(
           '`min_dim_size_to_factor` can not be traced (it arrived as a traced '
           'array, e.g. from optax.inject_hyperparams under jit): leave it at '
@@ -126,7 +125,7 @@ def check_decay(decay: Any, name: str = 'decay') -> None:
   if np.ndim(decay) != 0:
     raise ValueError(f'`{name}` must be a scalar in [0, 1), got shape '
                      f'{np.shape(decay)}.')
-  if _is_concrete(decay) and not 0.0 <= float(decay) < 1.0:
+  if is_concrete(decay) and not 0.0 <= float(decay) < 1.0:
     raise ValueError(f'`{name}` must be in [0, 1), got {float(decay)}.')
 
 
@@ -138,7 +137,7 @@ def check_nonnegative(value: Any, name: str) -> None:
   if np.ndim(value) != 0:
     raise ValueError(f'`{name}` must be a scalar >= 0, got shape '
                      f'{np.shape(value)}.')
-  if _is_concrete(value) and not float(value) >= 0.0:
+  if is_concrete(value) and not float(value) >= 0.0:
     raise ValueError(f'`{name}` must be >= 0, got {float(value)}.')
 
 
@@ -153,10 +152,10 @@ def check_resample_every(value: Any, name: str = 'resample_every') -> None:
   if np.ndim(value) != 0:
     raise ValueError(f'`{name}` must be a scalar, got shape '
                      f'{np.shape(value)}.')
-  if _is_array(value) and _is_concrete(value) and not jnp.issubdtype(
+  if _is_array(value) and is_concrete(value) and not jnp.issubdtype(
       value.dtype, jnp.integer) and float(value) != int(value):
     raise TypeError(f'`{name}` must be a positive int, got {value!r}.')
-  if _is_concrete(value) and not 0 < int(value) <= _INT32_MAX:
+  if is_concrete(value) and not 0 < int(value) <= _INT32_MAX:
     # The step counter is int32 and saturates there.
     raise ValueError(f'`{name}` must be a positive int at most 2**31 - 1, or '
                      f'None (never resample), got {int(value)}.')
@@ -259,58 +258,6 @@ def check_micro_batches(micro_batches: Any) -> int:
         f'leading (micro-batch) axis of size >= 1; got leading sizes {sizes}.')
   (k,) = sizes
   return int(k)
-
-
-# --- keys ----------------------------------------------------------------------
-
-
-def check_key(key: KeyLike, name: str = 'key') -> str:
-  """Raises a clear error at build time for a key that can not be used.
-
-  Traced values (e.g. under ``optax.inject_hyperparams``) are accepted as they
-  are; only their dtype is checked.
-
-  Returns:
-    The name of the PRNG implementation the key is used with: a typed key's
-    own, otherwise the current default.
-  """
-  if isinstance(key, bool):
-    raise TypeError(f'`{name}` must be an int seed or a JAX PRNG key, got a '
-                    'bool.')
-  if isinstance(key, (int, np.integer)):
-    return _keys.impl_name()
-  if _is_array(key):
-    dtype = key.dtype
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-      if key.shape != ():
-        raise ValueError(f'`{name}` must be a single typed key, got a key '
-                         f'array of shape {tuple(key.shape)}.')
-      return _keys.impl_name(key)
-    if jnp.issubdtype(dtype, jnp.integer):
-      shape = tuple(key.shape)
-      default_shape = _keys.key_data_shape(_keys.impl_name())
-      if shape == () or (dtype == jnp.uint32 and shape == default_shape):
-        return _keys.impl_name()
-      raise ValueError(
-          f'`{name}` as an integer array must be a scalar seed or raw uint32 '
-          f'key data of shape {default_shape} (the default PRNG '
-          f'implementation, {_keys.impl_name()}), got shape {shape} and dtype '
-          f'{dtype}. For another implementation pass a typed key, e.g. '
-          "jax.random.wrap_key_data(data, impl='rbg').")
-  raise TypeError(
-      f'`{name}` must be an int seed, a typed key (jax.random.key) or raw '
-      f'uint32 key data (jax.random.PRNGKey), got {type(key).__name__}.')
-
-
-def check_key_data(data: Any, impl: str) -> None:
-  """Stored raw key data must fit the implementation it is rewrapped with."""
-  want = _keys.key_data_shape(impl)
-  if tuple(np.shape(data)) != want:
-    raise ValueError(
-        f'Raw key data of shape {tuple(np.shape(data))} does not fit the PRNG '
-        f'implementation {impl!r} (key data of shape {want}). Was the state '
-        'made with another implementation? Build the optimizer with a typed '
-        "key of that implementation, e.g. jax.random.key(seed, impl='rbg').")
 
 
 # --- dimension numbers ---------------------------------------------------------

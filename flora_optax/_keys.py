@@ -59,6 +59,11 @@ def _is_typed(key: Any) -> bool:
       key.dtype, jax.dtypes.prng_key)
 
 
+def as_typed(key: Any) -> jax.Array:
+  """A typed key as it is, other keys wrapped (default implementation)."""
+  return key if _is_typed(key) else wrap(key_data(key))
+
+
 def impl_name(impl: ImplLike = None) -> str:
   """The name of a PRNG implementation.
 
@@ -84,6 +89,55 @@ def key_data_shape(impl: str) -> tuple[int, ...]:
       lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape)
 
 
+def check_key(key: KeyLike, name: str = 'key') -> str:
+  """Raises a clear error at build time for a key that can not be used.
+
+  Traced values (e.g. under ``optax.inject_hyperparams``) are accepted as they
+  are; only their dtype is checked.
+
+  Returns:
+    The name of the PRNG implementation the key is used with: a typed key's
+    own, otherwise the current default.
+  """
+  if isinstance(key, bool):
+    raise TypeError(f'`{name}` must be an int seed or a JAX PRNG key, got a '
+                    'bool.')
+  if isinstance(key, (int, np.integer)):
+    return impl_name()
+  if isinstance(key, (jax.Array, np.ndarray)):
+    dtype = key.dtype
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      if key.shape != ():
+        raise ValueError(f'`{name}` must be a single typed key, got a key '
+                         f'array of shape {tuple(key.shape)}.')
+      return impl_name(key)
+    if jnp.issubdtype(dtype, jnp.integer):
+      shape = tuple(key.shape)
+      default_shape = key_data_shape(impl_name())
+      if shape == () or (dtype == jnp.uint32 and shape == default_shape):
+        return impl_name()
+      raise ValueError(
+          f'`{name}` as an integer array must be a scalar seed or raw uint32 '
+          f'key data of shape {default_shape} (the default PRNG '
+          f'implementation, {impl_name()}), got shape {shape} and dtype '
+          f'{dtype}. For another implementation pass a typed key, e.g. '
+          "jax.random.wrap_key_data(data, impl='rbg').")
+  raise TypeError(
+      f'`{name}` must be an int seed, a typed key (jax.random.key) or raw '
+      f'uint32 key data (jax.random.PRNGKey), got {type(key).__name__}.')
+
+
+def check_key_data(data: Any, impl: str) -> None:
+  """Stored raw key data must fit the implementation it is rewrapped with."""
+  want = key_data_shape(impl)
+  if tuple(np.shape(data)) != want:
+    raise ValueError(
+        f'Raw key data of shape {tuple(np.shape(data))} does not fit the PRNG '
+        f'implementation {impl!r} (key data of shape {want}). Was the state '
+        'made with another implementation? Build the optimizer with a typed '
+        "key of that implementation, e.g. jax.random.key(seed, impl='rbg').")
+
+
 def typed_key(key: KeyLike, name: str = 'key') -> jax.Array:
   """Checks ``key`` and returns it as a typed key; call it at construction.
 
@@ -91,7 +145,7 @@ def typed_key(key: KeyLike, name: str = 'key') -> jax.Array:
   so it is fixed when the optimizer is built. Pass the result as ``impl=`` to
   :func:`cycle_key` with the raw key data stored in the state.
   """
-  impl = _checks.check_key(key, name)
+  impl = check_key(key, name)
   if _is_typed(key):
     return key
   # A concrete key even if the optimizer is built inside a trace (it may be
@@ -121,7 +175,7 @@ def key_data(key: KeyLike, impl: ImplLike = None) -> jax.Array:
 def wrap(data: jax.Array, impl: ImplLike = None) -> jax.Array:
   """Raw key data back to a typed key of implementation ``impl``."""
   name = impl_name(impl)
-  _checks.check_key_data(data, name)
+  check_key_data(data, name)
   return jax.random.wrap_key_data(data, impl=name)
 
 

@@ -46,16 +46,13 @@ class CompressedMomentumState(NamedTuple):
   mu: optax.Updates
 
 
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
 def _warn_unstable(plans: Any, decay: Any, resample_every: Any,
                    transfer: str) -> None:
   """Warns when ``decay**resample_every * sqrt(d/r) > 1`` for some leaf."""
   if transfer != 'unbiased' or resample_every is None:
     return
-  if not (_is_concrete(decay) and _is_concrete(resample_every)):
+  if not (_checks.is_concrete(decay) and
+          _checks.is_concrete(resample_every)):
     return
   shrink = float(decay)**int(resample_every)
   bad = []
@@ -74,11 +71,10 @@ def _warn_unstable(plans: Any, decay: Any, resample_every: Any,
         stacklevel=_checks.user_stacklevel())
 
 
-SUBSPACE_SCALES = ('projection', 'unbiased')
-# Measured choices of the residual mode (README, "Which momentum"): the part
-# of the momentum inside the subspace is its orthogonal projection, and
-# residual=True is the default.
-DEFAULT_SUBSPACE_SCALE = 'projection'
+# Measured (README, "Which momentum"): residual=True is the default, with the
+# part of the momentum inside the subspace output as its orthogonal
+# projection (``Π M``; ``decompress(M)``, about d/r times larger, trained
+# worse).
 DEFAULT_RESIDUAL = True
 
 
@@ -253,49 +249,11 @@ def compressed_momentum(
     Li, Chen and Zhu, `Memory Efficient Optimizers with 4-bit States
     <https://arxiv.org/abs/2309.01507>`_, NeurIPS 2023.
   """
-  return make_compressed_momentum(
-      rank, decay=decay, resample_every=resample_every, nesterov=nesterov,
-      key=key, accumulator_dtype=accumulator_dtype, projection=projection,
-      side=side, dimension_numbers=dimension_numbers, transfer=transfer,
-      residual=residual, bits=bits, block_size=block_size, code_map=code_map,
-      min_quantized_size=min_quantized_size,
-      stochastic_rounding=stochastic_rounding)
-
-
-def make_compressed_momentum(
-    rank: int | RankFn,
-    *,
-    decay: float = 0.9,
-    resample_every: int | None = 1000,
-    nesterov: bool = False,
-    key: KeyLike = 0,
-    accumulator_dtype: jax.typing.DTypeLike = jnp.dtype('float32'),
-    projection: Projection = 'gaussian',
-    side: Side = 'smaller',
-    dimension_numbers: DimensionNumbersSpec = None,
-    transfer: Transfer = 'unbiased',
-    residual: bool = DEFAULT_RESIDUAL,
-    bits: int | None = None,
-    block_size: int | None = None,
-    code_map: str | None = None,
-    min_quantized_size: int | None = None,
-    stochastic_rounding: bool = False,
-    subspace_scale: str = DEFAULT_SUBSPACE_SCALE,
-) -> optax.GradientTransformationExtraArgs:
-  """:func:`compressed_momentum` with the measured choices as arguments.
-
-  Not public: ``benchmarks/quality.py`` builds the variants it compares with
-  it. ``subspace_scale`` (residual mode only) is how the momentum inside the
-  subspace is output: ``'projection'`` (``Π M``, the default) or
-  ``'unbiased'`` (``decompress(C)``, about ``d/r`` times larger, with the
-  paper's transfer).
-  """
   projector = Projector(rank, projection=projection, side=side,
                         dimension_numbers=dimension_numbers)
   _checks.check_decay(decay)
   _checks.check_resample_every(resample_every)
   _checks.check_choice(transfer, 'transfer', TRANSFERS)
-  _checks.check_choice(subspace_scale, 'subspace_scale', SUBSPACE_SCALES)
   # The PRNG implementation is fixed here; states keep raw key data.
   typed_key = _keys.typed_key(key)
   _checks.check_bool(nesterov, 'nesterov')
@@ -305,9 +263,9 @@ def make_compressed_momentum(
                              stochastic_rounding)
   quantizer = _quantization.make_quantizer(
       bits, block_size, code_map, stochastic_rounding, min_quantized_size)
-  # In residual mode with the projection scale the state's momentum is
-  # ``Π M`` and a transfer projects it onto the new subspace, a contraction.
-  projected_state = residual and subspace_scale == 'projection'
+  # In residual mode the state's momentum is ``Π M`` and a transfer projects
+  # it onto the new subspace, a contraction.
+  projected_state = residual
 
   def init_fn(params: optax.Params) -> CompressedMomentumState:
     plans = projector.plan(params)
@@ -335,20 +293,14 @@ def make_compressed_momentum(
     if not residual:
       out = plan.decompress(new_m, p, sharding)
       return decay * out + (1 - decay) * g if nesterov else out
-    # out = (I - Π) g + (momentum in the subspace)
-    #     = g + decompress(coef): one decompression, as in paper mode.
-    if subspace_scale == 'projection':
-      # Π (M - g) = decompress(C_M - C_g) with (P Pᵀ)⁻¹ P as rows: r²·d
-      # flops for the r×r factor instead of n·r² on the sketch.
-      coef = new_m - s
-      rows = plan.dual_rows(p, projection, gram_inv)
-    else:
-      coef = new_m - plan.subspace_coordinates(s, p, projection, sharding,
-                                               gram_inv)
-      rows = p
+    # out = (I - Π) g + Π M = g + Π (M - g) = g + decompress(coef), with
+    # (P Pᵀ)⁻¹ P as rows: one decompression, as in paper mode, and r²·d
+    # flops for the r×r factor instead of n·r² on the sketch.
+    coef = new_m - s
     if nesterov:  # β·(momentum) + (1-β)·Π g inside the subspace
       coef = decay * coef
-    return g + plan.decompress(coef, rows, sharding)
+    return g + plan.decompress(coef, plan.dual_rows(p, projection, gram_inv),
+                               sharding)
 
   def gram_invs(leaves, ps, needed):
     if not needed or projection == 'orthogonal':  # Gram = (d/r) I exactly

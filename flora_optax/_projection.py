@@ -223,23 +223,12 @@ class LeafPlan:
     eye = jnp.broadcast_to(jnp.eye(self.rank, dtype=gram.dtype), gram.shape)
     return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(gram), True), eye)
 
-  def subspace_coordinates(self, c: jax.Array, p: jax.Array,
-                           projection: Projection,
-                           sharding: NamedSharding | None = None,
-                           gram_inverse: jax.Array | None = None) -> jax.Array:
-    """``C (P Pᵀ)⁻¹``: the sketch whose decompression is ``Π G``."""
-    if projection == 'orthogonal':
-      return c * (self.rank / self.d)
-    if gram_inverse is None:
-      gram_inverse = self.gram_inverse(p, projection)
-    return self.apply_rr(c, gram_inverse, sharding)
-
   def dual_rows(self, p: jax.Array, projection: Projection,
                 gram_inverse: jax.Array | None = None) -> jax.Array:
     """``(P Pᵀ)⁻¹ P``: decompressing a sketch with it gives ``Π G``.
 
-    ``decompress(C, dual_rows(P)) == decompress(subspace_coordinates(C), P)``
-    at ``r²·d`` flops per matrix instead of ``n·r²``.
+    ``decompress(C, dual_rows(P)) == decompress(C (P Pᵀ)⁻¹, P)`` at ``r²·d``
+    flops per matrix instead of ``n·r²``.
     """
     if projection == 'orthogonal':
       return p * (self.rank / self.d)

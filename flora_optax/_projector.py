@@ -118,7 +118,7 @@ class Projector:
     experiments; the optimizers never store it.
     """
     leaves = Leaves.of(self, like)
-    return leaves.unflatten(leaves.draw(_as_typed(key)))
+    return leaves.unflatten(leaves.draw(_keys.as_typed(key)))
 
   # --- tree operations ---------------------------------------------------
   def compress(self, tree: Any, key: KeyLike) -> Any:
@@ -134,7 +134,7 @@ class Projector:
     """
     leaves = Leaves.of(self, tree)
     return leaves.unflatten(
-        leaves.compress(leaves.flatten(tree), leaves.draw(_as_typed(key))))
+        leaves.compress(leaves.flatten(tree), leaves.draw(_keys.as_typed(key))))
 
   def decompress(self, sketches: Any, key: KeyLike, like: Any) -> Any:
     """Maps sketches back to full size: ``C P`` or ``Pᵀ C``.
@@ -149,7 +149,7 @@ class Projector:
     """
     leaves = Leaves.of(self, like, dtypes_of=sketches)
     return leaves.unflatten(leaves.decompress(leaves.flatten(sketches),
-                                              leaves.draw(_as_typed(key))))
+                                              leaves.draw(_keys.as_typed(key))))
 
   def transfer(self,
                sketches: Any,
@@ -167,8 +167,8 @@ class Projector:
     """
     _checks.check_choice(method, 'method', TRANSFERS)
     leaves = Leaves.of(self, like, dtypes_of=sketches)
-    olds = leaves.draw(_as_typed(old_key))
-    news = leaves.draw(_as_typed(new_key))
+    olds = leaves.draw(_keys.as_typed(old_key))
+    news = leaves.draw(_keys.as_typed(new_key))
     return leaves.unflatten([
         c if p is None else plan.transfer(c.astype(dt), p_old, p, method, sh)
         for c, p_old, p, (_, plan, dt), sh in zip(
@@ -194,17 +194,8 @@ class Projector:
       A tree like ``tree``, computed in at least float32.
     """
     leaves = Leaves.of(self, tree)
-    ps = leaves.draw(_as_typed(key))
+    ps = leaves.draw(_keys.as_typed(key))
     return leaves.unflatten([
         g if p is None else plan.project(g.astype(dt), p, self.projection, sh)
         for g, p, (_, plan, dt), sh in zip(leaves.flatten(tree), ps,
                                            leaves.items, leaves.shardings)])
-
-
-def _as_typed(key: Any) -> jax.Array:
-  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
-      key.dtype, jax.dtypes.prng_key):
-    return key
-  return _keys.wrap(_keys.key_data(key))
-
-

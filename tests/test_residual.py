@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import flora_optax
-from flora_optax import Projector, _momentum, compressed_momentum
+from flora_optax import Projector, compressed_momentum
 
 PROJECTIONS = ['gaussian', 'rademacher', 'orthogonal']
 
@@ -185,22 +185,6 @@ def test_projected_transfer_never_increases_the_momentum():
   assert max(norms) < 10 * norms[0]
 
 
-def test_unbiased_subspace_scale_is_the_paper_output_plus_the_residual():
-  # The internal variant the quality study compares: decompress(C) inside,
-  # (I - Π) g outside; at decay=0 that is g + decompress(C(g)) - Π g.
-  params = {'w': jnp.zeros((12, 20))}
-  g = {'w': _tree(1)['w']}
-  var = _momentum.make_compressed_momentum(4, decay=0.0, key=2,
-                                           subspace_scale='unbiased')
-  paper = compressed_momentum(4, decay=0.0, key=2, residual=False)
-  out, _ = var.update(g, var.init(params))
-  ref, _ = paper.update(g, paper.init(params))
-  key = flora_optax.cycle_key(2, 0)
-  proj_g = Projector(4).project(g, key)
-  np.testing.assert_allclose(out['w'], ref['w'] + g['w'] - proj_g['w'],
-                             rtol=1e-4, atol=1e-4)
-
-
 # --- resample_every changed at run time (issue: momentum silently wrong) -----
 
 
@@ -262,12 +246,3 @@ def test_changing_resample_every_transfers_from_the_stored_cycle():
     chex.assert_trees_all_close(out, proj.decompress(mu, k, params),
                                 rtol=1e-4, atol=1e-5)
     assert int(s.inner_state.cycle) == cycle
-
-
-def test_make_compressed_momentum_takes_the_arguments_of_the_public_one():
-  import inspect  # pylint: disable=g-import-not-at-top
-  pub = inspect.signature(compressed_momentum).parameters
-  full = dict(inspect.signature(_momentum.make_compressed_momentum).parameters)
-  assert set(full) - set(pub) == {'subspace_scale'}
-  for name, param in pub.items():
-    assert full[name] == param, name
