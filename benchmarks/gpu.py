@@ -160,12 +160,16 @@ def candidates(ranks, *, rbg_rank: int | None = None) -> list[Candidate]:
 
   Flora rows (every rank, in every momentum mode) come before GaLore's so
   that a run cut short by its budget still has them; quantized momentum
-  (issue 18) in every direction before them; ``rbg_rank`` adds flora
-  (default mode) with an ``rbg`` key last.
+  (issue 18) in every direction and 8-/4-bit AdamW (issue 20, next to
+  ``adamw``) before them; ``rbg_rank`` adds flora (default mode) with an
+  ``rbg`` key last.
   """
   quantized = [Candidate(f'flora rank=None bits={b}', 'quantized', None,
                          lambda b=b: flora_optax.flora(LR, None, bits=b))
                for b in (8, 4)]
+  quantized += [Candidate(f'flora_optax.adamw(bits={b})', 'quantized', None,
+                          lambda b=b: flora_optax.adamw(LR, bits=b))
+                for b in (8, 4)]
   out = common.candidates(ranks, residual=FLORA_MODES, extra=quantized)
   if rbg_rank is not None:
     out.append(common.flora_row(rbg_rank, suffix=' key=rbg',

@@ -9,14 +9,18 @@ the same run (interleaved medians):
   (``flora(rank=None, bits=...)``) or as the rank-128 sketch (``bits=8``);
 * accumulation: ``optax.MultiSteps(adafactor)`` against
   ``flora_optax.MultiSteps(..., rank=None, bits=8 / 4)`` and the rank-128
-  float sketch, per call over a cycle of ``k`` micro-steps.
+  float sketch, per call over a cycle of ``k`` micro-steps;
+* Adam: ``optax.adamw`` (the reference of this part), its bf16 first moment
+  (``mu_dtype``) and ``flora_optax.adamw(bits=8 / 4)``, both moments in codes.
 
 State bytes are checked against the formula of the codes (``n·bits/8`` bytes
 plus 4 per block of every quantized leaf). Targets of issue 18: a 768×3072
 leaf's 8-bit state ≤ 0.26× and 4-bit ≤ 0.145× its float32 momentum;
 ``flora(rank=None, bits=8)`` update ≤ 1.15× the baseline's time, compile
 ≤ 1.5×, and its compiled update's peak lower than the baseline's by ≥ 0.9× the
-state it saves.
+state it saves. Targets of issue 20, against ``optax.adamw``: 8-bit state
+≤ 0.26×, 4-bit ≤ 0.145× for large leaves; update ≤ 1.3×, compile ≤ 1.5×,
+peak saving ≥ 0.9× the state saved.
 
 Run: ``python -m benchmarks.quantized [--quick]`` (or as the ``quantized``
 part of ``python -m benchmarks``); writes ``results/quantized.{json,md}``.
@@ -99,6 +103,39 @@ def multisteps_candidates(rank: int, k: int) -> list[Candidate]:
   ]
 
 
+ADAMW = 'optax.adamw'
+
+
+def _formula_adamw(shapes, bits: int | None, mu_bytes: int = 4) -> int:
+  """``optax.adamw``'s state with both moments in ``bits``-bit codes (leaves
+  under the minimum size in float32), or a first moment of ``mu_bytes``."""
+  if bits is None:
+    return 4 + sum((mu_bytes + 4) * math.prod(s)
+                   for s in optimizers._leaves(shapes))  # pylint: disable=protected-access
+  q = make_quantizer(bits)
+  n = 4 + 8  # count, key
+  for s in optimizers._leaves(shapes):  # pylint: disable=protected-access
+    n += 2 * (q.nbytes(s) if q.quantizes(s) else 4 * math.prod(s))
+  return n
+
+
+def adam_candidates() -> list[Candidate]:
+  base = optimizers.candidates(())[:1]  # adafactor(m=0.9): the ratios' base
+  return base + [
+      Candidate(ADAMW, 'adamw', None, lambda: optax.adamw(LR),
+                lambda s: _formula_adamw(s, None)),
+      Candidate('optax.adamw(mu_dtype=bf16)', 'adamw', None,
+                lambda: optax.adamw(LR, mu_dtype=jnp.bfloat16),
+                lambda s: _formula_adamw(s, None, 2)),
+      Candidate('flora_optax.adamw(bits=8)', 'adamw', None,
+                lambda: flora_optax.adamw(LR, bits=8),
+                lambda s: _formula_adamw(s, 8)),
+      Candidate('flora_optax.adamw(bits=4)', 'adamw', None,
+                lambda: flora_optax.adamw(LR, bits=4),
+                lambda s: _formula_adamw(s, 4)),
+  ]
+
+
 def _leaf_targets() -> list[dict[str, Any]]:
   out = []
   for bits, limit in ((8, 0.26), (4, 0.145)):
@@ -129,6 +166,11 @@ def run(quick: bool = False, log=print) -> dict[str, Any]:
   ms = optimizers.multisteps_figures(
       multisteps_candidates(16 if quick else RANK, K), size, repeats=repeats,
       desc='multisteps')
+  log(f'Adam on gpt2-{size}')
+  adam_cands = adam_candidates()
+  adam = dict(state=optimizers.state_bytes(adam_cands, [size]),
+              update=optimizers.update_figures(
+                  adam_cands, size, timed=True, repeats=repeats, desc='adam'))
   res = dict(meta=dict(quick=quick, jax=jax.__version__,
                        optax=optax.__version__,
                        flora_optax=flora_optax.__version__,
@@ -137,7 +179,7 @@ def run(quick: bool = False, log=print) -> dict[str, Any]:
                        workload=f'gpt2-{size}',
                        param_bytes=common.tree_bytes(shapes),
                        xla_flags=os.environ.get('XLA_FLAGS', '')),
-             state=state, update=update, multisteps=ms)
+             state=state, update=update, multisteps=ms, adam=adam)
   res['targets'] = targets(res)
   res['meta']['wall_s'] = time.perf_counter() - t0
   return res
@@ -170,9 +212,43 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
       f'{common.mib(peak_saved):.1f} MiB = {peak_saved / saved:.2f}× the '
       f'{common.mib(saved):.1f} MiB of state saved',
       met=peak_saved >= 0.9 * saved))
-  worst = max(r['formula_rel_err'] for r in st)
+  worst = max(r['formula_rel_err'] for r in st + res['adam']['state'])
   out.append(dict(target='state bytes equal the formula',
                   figures=f'largest deviation {worst:.3%}', met=worst == 0))
+  return out + adam_targets(res['adam'])
+
+
+def adam_targets(adam: dict[str, Any]) -> list[dict[str, Any]]:
+  """Issue 20's targets, against ``optax.adamw`` in the same run."""
+  out = []
+  params = {'w': jax.ShapeDtypeStruct((768, 3072), jnp.float32)}
+  full = common.state_bytes(optax.adamw(LR), params)
+  for bits, limit in ((8, 0.26), (4, 0.145)):
+    ratio = common.state_bytes(flora_optax.adamw(LR, bits=bits), params) / full
+    out.append(dict(target=f'adamw bits={bits}: state of a 768×3072 leaf '
+                    f'≤ {limit}× optax.adamw\'s', figures=f'{ratio:.4f}×',
+                    met=ratio <= limit))
+  b, bs = _row(adam['update'], ADAMW), _row(adam['state'], ADAMW)
+  for bits in (8, 4):
+    name = f'flora_optax.adamw(bits={bits})'
+    q, qs = _row(adam['update'], name), _row(adam['state'], name)
+    ratio = q['update_s'] / b['update_s']
+    out.append(dict(target=f'{name}: update ≤ 1.3× {ADAMW}',
+                    figures=f"{ratio:.2f}× ({q['update_s'] * 1e3:.0f} vs "
+                    f"{b['update_s'] * 1e3:.0f} ms)", met=ratio <= 1.3))
+    ratio = q['compile_s'] / b['compile_s']
+    out.append(dict(target=f'{name}: compile ≤ 1.5× {ADAMW}',
+                    figures=f"{ratio:.2f}× ({q['compile_s']:.1f} vs "
+                    f"{b['compile_s']:.1f} s)", met=ratio <= 1.5))
+    saved = bs['state_bytes'] - qs['state_bytes']
+    peak_saved = b['peak_bytes'] - q['peak_bytes']
+    out.append(dict(
+        target=f'{name}: update peak saving ≥ 0.9× the state saved',
+        figures=f'peak {common.mib(q["peak_bytes"]):.1f} vs '
+        f'{common.mib(b["peak_bytes"]):.1f} MiB: saves '
+        f'{common.mib(peak_saved):.1f} MiB = {peak_saved / saved:.2f}× the '
+        f'{common.mib(saved):.1f} MiB of state saved',
+        met=peak_saved >= 0.9 * saved))
   return out
 
 
@@ -219,6 +295,20 @@ def markdown(res: dict[str, Any]) -> str:
       ['wrapper', 'update peak MiB', 'peak − optax.MultiSteps MiB',
        'micro-step ms', 'final step ms', 'per call ÷ optax.MultiSteps',
        'compile s'], rows))
+  lines.append('## Adam\n')
+  st = {r['optimizer']: r for r in res['adam']['state']}
+  up = [r for r in res['adam']['update'] if r['optimizer'] != BASELINE]
+  ref = _row(up, ADAMW)
+  rows = [[r['optimizer'], f"{common.mib(st[r['optimizer']]['state_bytes']):.1f}",
+           f"{st[r['optimizer']]['state_bytes'] / st[ADAMW]['state_bytes']:.3f}",
+           f"{st[r['optimizer']]['state_bytes'] / meta['param_bytes'] * 4:.2f}",
+           f"{common.mib(r['peak_bytes']):.0f}", f"{r['update_s'] * 1e3:.0f}",
+           f"{r['update_s'] / ref['update_s']:.2f}", f"{r['compile_s']:.1f}"]
+          for r in up]
+  lines.append(common.markdown_table(
+      ['optimizer', 'state MiB', f'state ÷ {ADAMW}', 'state bytes / param',
+       'update peak MiB', 'update ms', f'update ÷ {ADAMW}', 'compile s'],
+      rows))
   return '\n'.join(lines)
 
 

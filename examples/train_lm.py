@@ -41,7 +41,7 @@ from examples.memory import mib, peak_bytes, tree_bytes
 from examples.model import ModelConfig, init_model, make_loss_fn
 
 OPTIMIZERS = ('flora', 'adafactor', 'adafactor_nomomentum', 'flora_paper',
-              'flora_frozen', 'lora')
+              'flora_frozen', 'lora', 'flora8', 'adamw', 'adamw8', 'adamw4')
 # Run outputs go to an untracked directory (/runs/ is in .gitignore); the
 # reference results in examples/results/train_lm are regenerated only on
 # purpose, with --out examples/results/train_lm.
@@ -80,8 +80,9 @@ def make_schedule(oc: OptConfig) -> optax.Schedule:
 def make_optimizer(oc: OptConfig) -> optax.GradientTransformation:
   """The optimizer ``oc.name``, wrapped for accumulation when asked.
 
-  All are Adafactor (factored second moment, block-RMS clipping) with the
-  same learning-rate schedule; they differ only in the first moment:
+  All but the AdamW rows are Adafactor (factored second moment, block-RMS
+  clipping) with the same learning-rate schedule; they differ only in the
+  first moment:
 
   - ``flora``: Flora-compressed momentum of rank ``oc.rank`` (the default,
     residual mode);
@@ -90,9 +91,15 @@ def make_optimizer(oc: OptConfig) -> optax.GradientTransformation:
     frozen ``A``);
   - ``adafactor``: uncompressed momentum (``optax.adafactor(momentum=...)``);
   - ``adafactor_nomomentum``: no momentum;
-  - ``lora``: uncompressed momentum, used on a model with LoRA adapters.
+  - ``lora``: uncompressed momentum, used on a model with LoRA adapters;
+  - ``flora8``: the momentum in 8-bit codes in every direction
+    (``flora(rank=None, bits=8)``).
 
-  ``oc.momentum=None`` removes the momentum of every one of them.
+  ``adamw``: ``optax.adamw`` on the same schedule; ``adamw8`` / ``adamw4``:
+  ``flora_optax.adamw(bits=8 / 4)``, both moments in 8- or 4-bit codes.
+
+  ``oc.momentum=None`` removes the momentum of every one of them (AdamW's
+  ``b1 = 0``).
 
   Parameter-scale multiplication is off so that zero-initialised weights
   (biases, LoRA's ``B``) learn at the same rate under every optimizer.
@@ -102,7 +109,12 @@ def make_optimizer(oc: OptConfig) -> optax.GradientTransformation:
   lr = make_schedule(oc)
   common = dict(multiply_by_parameter_scale=False,
                 min_dim_size_to_factor=oc.min_dim_size_to_factor)
-  if oc.name in ('flora', 'flora_paper', 'flora_frozen'):
+  if oc.name.startswith('adamw'):
+    bits = {'adamw': None, 'adamw8': 8, 'adamw4': 4}[oc.name]
+    tx = flora_optax.adamw(lr, b1=oc.momentum or 0.0, bits=bits, key=oc.seed)
+  elif oc.name == 'flora8':
+    tx = flora_optax.flora(lr, None, momentum=oc.momentum, bits=8, **common)
+  elif oc.name in ('flora', 'flora_paper', 'flora_frozen'):
     tx = flora_optax.flora(
         lr, oc.rank, momentum=oc.momentum, key=oc.seed,
         resample_every=None if oc.name == 'flora_frozen' else
