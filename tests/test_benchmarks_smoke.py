@@ -191,6 +191,34 @@ def test_quality_quick_run(tmp_path):
   with open(os.path.join(out, 'quality.md')) as f:
     text = f.read()
   assert '(default)' in text and '## Targets' in text
+  assert '## Quality per byte' in text
+  assert os.path.getsize(os.path.join(out, 'quality_per_byte.png')) > 0
+
+
+def test_quality_per_byte_front_and_budgets():
+  from benchmarks.quality import per_byte  # pylint: disable=g-import-not-at-top
+  row = lambda name, kib, mean, ratio=None, k=1: dict(  # noqa: E731
+      task='t', optimizer=name, state_bytes=kib * 1024, mean=mean, std=0.0,
+      ratio=ratio, accumulate=k)
+  rows = [row('adafactor', 100, 1.0), row('adafactor_nomomentum', 1, 2.0),
+          row('momentum_8bit', 26, 1.0), row('momentum_4bit', 14, 1.2),
+          row('flora_8bit', 10, 1.9, 4), row('default', 27, 1.9, 4),
+          row('multisteps_8bit', 5, 0.5, k=4)]
+  payload = dict(tasks={'t': {}}, rows=rows)
+  front = per_byte.pareto(per_byte._rows(payload, 't'))  # pylint: disable=protected-access
+  # Fewest bytes first; a row is on it only if it beats every cheaper row
+  # (the accumulation row, with other bytes and data, is left out).
+  assert [r['optimizer'] for r in front] == [
+      'adafactor_nomomentum', 'flora_8bit', 'momentum_4bit', 'momentum_8bit']
+  table = {r[1].split(' (')[0]: r[2] for r in per_byte.budget_table(payload)}
+  assert table['1/2 of Adafactor with float32 momentum'].startswith(
+      'momentum in 8-bit')
+  assert table['1/4 of Adafactor with float32 momentum'].startswith(
+      'momentum in 4-bit')
+  assert table['1/8 of Adafactor with float32 momentum'].startswith(
+      'Flora sketch in 8-bit')
+  assert table['1/16 of Adafactor with float32 momentum'] == (
+      'Adafactor, no momentum')
 
 
 def test_quality_best_lr_skips_diverged_runs():

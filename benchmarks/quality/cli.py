@@ -18,6 +18,7 @@ import optax
 
 import flora_optax
 from benchmarks import common
+from benchmarks.quality import per_byte
 from benchmarks.quality.report import markdown, plot, targets
 from benchmarks.quality.settings import (ACCUMULATE, ADAFACTOR, LR_FACTORS,
                                          MAX_HANGS, MOMENTUM, NAME,
@@ -142,7 +143,9 @@ def _write(out: str, old: dict[str, Any], new_rows: list[dict[str, Any]],
   if plot_too:
     png = os.path.join(out, f'{NAME}.png')
     plot(payload, png)
-    paths.append(png)
+    per_byte_png = os.path.join(out, f'{NAME}_per_byte.png')
+    per_byte.plot(payload, per_byte_png)
+    paths += [png, per_byte_png]
   return paths
 
 

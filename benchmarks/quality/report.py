@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
+from benchmarks.quality import per_byte
 from benchmarks.quality.watchdog import row_key
 from benchmarks.quality.settings import (ACCUMULATE, ADAFACTOR, MAX_HANGS,
                                          MOMENTUM, NOISE_MULT, RATIOS,
@@ -66,7 +67,8 @@ def _fmt(r: dict[str, Any] | None) -> str:
 def markdown(payload: dict[str, Any]) -> str:
   """The report: how tasks were chosen, per-task tables, targets."""
   lines = (_intro(payload) + _task_tables(payload) + _summary(payload) +
-           _targets_section(payload) + _footer(payload))
+           per_byte.markdown_section(payload) + _targets_section(payload) +
+           _footer(payload))
   return '\n'.join(lines)
 
 

@@ -176,6 +176,18 @@ QUANT_ABLATIONS = {
 }
 
 
+def _adamw(**options: Any) -> MakeTx:
+  """AdamW at the task's learning rates (no Adafactor): ``optax.adamw`` with
+  ``options`` of it (``mu_dtype``), or ``flora_optax.adamw`` with ``bits``
+  and its quantization keywords (issue 20)."""
+  def make(lr, rank, key, resample_every):
+    del rank, resample_every
+    if 'bits' not in options:
+      return optax.adamw(lr, **options)
+    return flora_optax.adamw(lr, key=key, **options)
+  return make
+
+
 def _adafactor_bf16() -> MakeTx:
   def make(lr, rank, key, resample_every):
     del rank, key, resample_every
@@ -247,6 +259,34 @@ def variants() -> dict[str, Variant]:
               f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits=4)',
               _multisteps_quantized(4), ranked=False, accumulate=ACCUMULATE,
               lm_only=True),
+  ]
+  rows += [
+      # AdamW with quantized moments (issue 20), next to optax's own.
+      Variant('adamw', 'optax.adamw', _adamw(), ranked=False),
+      Variant('adamw_bf16', 'optax.adamw(mu_dtype=bf16)',
+              _adamw(mu_dtype=jnp.bfloat16), ranked=False),
+      Variant('adamw_8bit', 'flora_optax.adamw(bits=8)', _adamw(bits=8),
+              ranked=False),
+      Variant('adamw_4bit', 'flora_optax.adamw(bits=4)', _adamw(bits=4),
+              ranked=False),
+      # The second moment's map and rounding, one keyword changed each.
+      Variant('adamw_4bit_nu_linear',
+              "flora_optax.adamw(bits=4, nu_code_map='linear')",
+              _adamw(bits=4, nu_code_map='linear'), ranked=False),
+      Variant('adamw_4bit_stochastic',
+              'flora_optax.adamw(bits=4, stochastic_rounding=True)',
+              _adamw(bits=4, stochastic_rounding=True), ranked=False),
+      Variant('adamw_4bit_m_sqrt',
+              "flora_optax.adamw(bits=4, code_map='sqrt')",
+              _adamw(bits=4, code_map='sqrt'), ranked=False),
+      Variant('adamw_4bit_m_sqrt_nu_linear',
+              "flora_optax.adamw(bits=4, code_map='sqrt', "
+              "nu_code_map='linear')",
+              _adamw(bits=4, code_map='sqrt', nu_code_map='linear'),
+              ranked=False),
+      Variant('adamw_8bit_nu_linear',
+              "flora_optax.adamw(bits=8, nu_code_map='linear')",
+              _adamw(bits=8, nu_code_map='linear'), ranked=False),
   ]
   for bits in (8, 4):
     rows.append(Variant(
