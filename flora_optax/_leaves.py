@@ -33,6 +33,7 @@ from flora_optax import _projection
 from flora_optax import _sharding
 from flora_optax._projection import Item, LeafPlan
 from flora_optax._quantization import QuantizedArray, Quantizer, is_quantized
+from flora_optax._types import KeyPath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,43 +42,46 @@ class Leaves:
 
   Attributes:
     treedef: the tree's structure.
-    items: per leaf ``(path, plan, compute dtype)``; the compute dtype is the
-      leaf's own, at least float32 (:func:`_projection.compute_dtype`).
+    items: per leaf an :class:`Item` ``(path, plan, dtype)``; the compute
+      dtype is the leaf's own, at least float32
+      (:func:`_projection.compute_dtype`).
     shardings: per leaf its sharding on an Explicit-axes mesh, or None.
-    projection: the projection type the leaves are drawn with.
     quantizer: how stored states are quantized (None: float states).
   """
 
   treedef: Any
   items: tuple[Item, ...]
   shardings: tuple[NamedSharding | None, ...]
-  projection: str
   quantizer: Quantizer | None = None
 
   @classmethod
   def of(cls, projector: Any, like: Any, dtypes_of: Any = None,
          quantizer: Quantizer | None = None) -> 'Leaves':
     """The leaves of ``like`` (arrays or ShapeDtypeStructs) as ``projector``
-    compresses them; compute dtypes from ``dtypes_of`` (default ``like``)."""
+    (anything with ``plan(like)``) compresses them; compute dtypes from
+    ``dtypes_of`` (default ``like``)."""
     flat, treedef = _projection.flatten_plans(projector.plan(like))
     likes = treedef.flatten_up_to(like)
     typed = likes if dtypes_of is None else treedef.flatten_up_to(dtypes_of)
-    items = tuple((path, plan, _projection.compute_dtype(x.dtype))
+    items = tuple(Item(path, plan, _projection.compute_dtype(x.dtype))
                   for (path, plan), x in zip(flat, typed))
     return cls(treedef, items,
                tuple(_sharding.explicit_sharding(x) for x in likes),
-               projector.projection, quantizer)
+               quantizer)
 
   @property
   def plans(self) -> list[LeafPlan]:
-    return [plan for _, plan, _ in self.items]
+    return [item.plan for item in self.items]
 
   @property
   def dtypes(self) -> list[Any]:
-    return [dtype for _, _, dtype in self.items]
+    return [item.dtype for item in self.items]
 
   def flatten(self, tree: Any) -> list[Any]:
     return self.treedef.flatten_up_to(tree)
+
+  def unflatten(self, leaves: Sequence[Any]) -> Any:
+    return self.treedef.unflatten(leaves)
 
   # --- stored states: float, or quantized ----------------------------------
   def quantized(self, plan: LeafPlan) -> bool:
@@ -100,10 +104,10 @@ class Leaves:
   def load_one(self, i: int, stored: Any) -> jax.Array:
     """Leaf ``i``'s stored state (sketch or dense) as a float in its compute
     dtype."""
-    _, plan, dtype = self.items[i]
+    item = self.items[i]
     if isinstance(stored, QuantizedArray):
-      return self.quantizer.decode(stored, plan.sketch_shape, dtype)
-    return stored.astype(dtype)
+      return self.quantizer.decode(stored, item.plan.sketch_shape, item.dtype)
+    return stored.astype(item.dtype)
 
   def store_one(self, i: int, value: jax.Array, dtype: Any,
                 key: jax.Array | None = None) -> Any:
@@ -111,11 +115,11 @@ class Leaves:
     :meth:`quantized`, else cast to ``dtype``. ``key`` (typed) draws
     stochastic rounding's noise, ``leaf_key(key, path)`` as the
     projections."""
-    path, plan, _ = self.items[i]
-    if not self.quantized(plan):
+    item = self.items[i]
+    if not self.quantized(item.plan):
       return value.astype(dtype)
     q = self.quantizer
-    return q.encode(value, _keys.leaf_key(key, path)
+    return q.encode(value, _keys.leaf_key(key, item.path)
                     if q.stochastic_rounding else None)
 
   def load(self, stored: Sequence[Any]) -> list[jax.Array]:
@@ -127,34 +131,49 @@ class Leaves:
     """:meth:`store_one` of every leaf, with one ``dtype`` for all."""
     return [self.store_one(i, v, dtype, key) for i, v in enumerate(values)]
 
-  def unflatten(self, leaves: Sequence[Any]) -> Any:
-    return self.treedef.unflatten(leaves)
-
+  # --- projections ----------------------------------------------------------
   def draw(self, key: jax.Array) -> list[jax.Array | None]:
     """Every compressed leaf's ``P`` for a (typed) cycle key; None if dense."""
-    return _projection.draw_projections(self.items, key, self.projection)
+    return _projection.draw_projections(self.items, key)
 
   def gram_inverses(self, ps: Sequence[jax.Array | None]) -> list[Any]:
-    """``(P Pᵀ)⁻¹`` per compressed leaf (None for dense leaves)."""
-    return _projection.gram_inverses(self.items, ps, self.projection)
+    """``(P Pᵀ)⁻¹`` per compressed leaf; None for dense and orthogonal
+    leaves (whose ``dual_rows`` need none)."""
+    return _projection.gram_inverses(self.items, ps)
 
   def compress(self, gs: Sequence[jax.Array],
                ps: Sequence[jax.Array | None]) -> list[jax.Array]:
     """Sketches in the compute dtype; dense leaves pass through unchanged."""
     return [
-        g if p is None else plan.compress(g.astype(dtype), p,
-                                          _sharding.explicit_sharding(g))
-        for (_, plan, dtype), g, p in zip(self.items, gs, ps)
+        g if p is None else item.plan.compress(
+            g.astype(item.dtype), p, _sharding.explicit_sharding(g))
+        for item, g, p in zip(self.items, gs, ps)
     ]
 
   def decompress(self, cs: Sequence[jax.Array],
                  ps: Sequence[jax.Array | None]) -> list[jax.Array]:
     """Full-size leaves in the compute dtype, sharded like the leaves."""
     return [
-        c if p is None else plan.decompress(c.astype(dtype), p, sh)
-        for (_, plan, dtype), c, p, sh in zip(self.items, cs, ps,
-                                              self.shardings)
+        c if p is None else item.plan.decompress(c.astype(item.dtype), p, sh)
+        for item, c, p, sh in zip(self.items, cs, ps, self.shardings)
     ]
+
+
+# --- trees of states ------------------------------------------------------------
+
+
+def _zeros(plan: LeafPlan, like: Any, dtype: Any,
+           quantizer: Quantizer | None) -> Any:
+  """One leaf's zero state, sharded like its sketch if ``like`` is typed on
+  an Explicit-axes mesh (codes and scales too, where their axes allow)."""
+  sharding = _projection.sharding_on(plan, plan.sketch_axes,
+                                     _sharding.explicit_sharding(like))
+  if quantizer is None or not quantizer.quantizes(plan.sketch_shape):
+    return _sharding.zeros(plan.sketch_shape,
+                           like.dtype if dtype is None else dtype, sharding)
+  return quantizer.zeros(
+      plan.sketch_shape, lambda shape, dt: _sharding.zeros(
+          shape, dt, _sharding.fit_sharding(sharding, shape)))
 
 
 def sketch_zeros(projector: Any, params: Any, dtype: Any,
@@ -168,13 +187,24 @@ def sketch_zeros(projector: Any, params: Any, dtype: Any,
   with the rank axis replicated.
   """
   plans = projector.plan(params)
+  zeros = jax.tree.map(lambda plan, x: _zeros(plan, x, dtype, quantizer),
+                       plans, params)
+  return _nnx.fit_metadata(params, zeros, plans)
 
-  def zeros(plan, x):
-    if quantizer is None or not quantizer.quantizes(plan.sketch_shape):
-      return _sharding.sketch_zeros(plan, x, x.dtype if dtype is None else
-                                    dtype)
-    return quantizer.zeros(
-        plan.sketch_shape,
-        lambda shape, dt: _sharding.sketch_zeros(plan, x, dt, shape))
 
-  return _nnx.fit_metadata(params, jax.tree.map(zeros, plans, params), plans)
+def compressed_plans(plans: Any) -> list[tuple[KeyPath, LeafPlan]]:
+  """``(path, plan)`` of every compressed leaf of a tree of plans."""
+  return [(path, plan) for path, plan in _projection.flatten_plans(plans)[0]
+          if not plan.dense]
+
+
+def zeros_of(shapes: Any) -> Any:
+  """Zeros of a tree of traced shapes (``jax.eval_shape``'s), each keeping
+  its sharding on an Explicit-axes mesh."""
+  return jax.tree.map(_sharding.zeros_of, shapes)
+
+
+def fit_metadata(params: Any, state: Any) -> Any:
+  """``state`` (of any transformation) with the Flax NNX metadata of leaves
+  not shaped like their params dropped (see ``_nnx.fit_metadata``)."""
+  return _nnx.fit_metadata(params, state)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from flora_optax import _projection
 from flora_optax import _sharding
 from flora_optax._quantization import QuantizedArray
 
@@ -34,8 +35,8 @@ def fit_metadata(params: Any, tree: Any, plans: Any = None) -> Any:
   """Fixes NNX metadata on state leaves whose shape differs from the param's.
 
   Sketches (leaves matching ``plans``, a ``LeafPlan`` tree) get the param's
-  sharding names with the rank axis replicated, as
-  :func:`flora_optax._sharding.sketch_spec`; other leaves of another shape
+  sharding names with the rank axis replicated, as their sketches are
+  sharded (``_projection.spec_on``); other leaves of another shape
   (factored rows, ``(1,)`` placeholders) become plain arrays. Leaves of the
   param's shape keep its metadata. Without Flax NNX in use ``tree`` is
   returned unchanged.
@@ -61,7 +62,8 @@ def fit_metadata(params: Any, tree: Any, plans: Any = None) -> Any:
     for k in _SHARDING_KEYS:
       names = metadata.get(k)
       if isinstance(names, (tuple, list)) and len(names) == len(plan.shape):
-        names = tuple(_sharding.sketch_spec(plan, PartitionSpec(*names)))
+        names = tuple(_projection.spec_on(plan, plan.sketch_axes,
+                                          PartitionSpec(*names)))
         metadata[k] = _sharding.fit_names(names, np.shape(value), axis_sizes)
     return type(s)(value, **metadata)
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from flora_optax import _checks
 from flora_optax import _keys
@@ -35,6 +35,37 @@ from flora_optax._types import (DimensionNumbers, KeyPath, Projection, RankFn,
 
 _LETTERS = 'abcdefghijklmnopqrstuvwxyz'
 _R, _R2 = 'Y', 'Z'  # einsum labels of the rank axis (old and new)
+
+# An axis map says, for each axis of an array made from a leaf (its sketch,
+# its ``P``, an ``r×r`` matrix), which axis of the leaf it is, or None for a
+# rank axis. The shapes, einsum labels and partition specs of those arrays all
+# derive from their maps (:func:`arrange`).
+AxisMap = tuple[int | None, ...]
+
+
+def arrange(axes: AxisMap, per_axis: Sequence[Any], *ranks: Any) -> tuple:
+  """``per_axis`` (one entry per leaf axis: sizes, einsum labels, mesh axis
+  names) laid out along ``axes``; the rank axes get ``ranks`` in order."""
+  rank = iter(ranks)
+  return tuple(next(rank) if a is None else per_axis[a] for a in axes)
+
+
+def spec_on(plan: 'LeafPlan', axes: AxisMap,
+            spec: PartitionSpec) -> PartitionSpec:
+  """The leaf's partition ``spec`` laid out along ``axes``: an axis keeps
+  the mesh axes of the leaf axis it is, rank axes (at most two, in an
+  ``r×r`` matrix) are replicated."""
+  spec = tuple(spec) + (None,) * (len(plan.shape) - len(spec))
+  return PartitionSpec(*arrange(axes, spec, None, None))
+
+
+def sharding_on(plan: 'LeafPlan', axes: AxisMap | None,
+                sharding: NamedSharding | None) -> NamedSharding | None:
+  """The leaf's ``sharding`` laid out along ``axes`` (None: the leaf's own);
+  None without a sharding (see ``_sharding.explicit_sharding``)."""
+  if sharding is None or axes is None:
+    return sharding
+  return NamedSharding(sharding.mesh, spec_on(plan, axes, sharding.spec))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +88,8 @@ class LeafPlan:
     rank: the rank ``r``, or None for a dense leaf.
     compress_axes: the axes compressed together (``d`` is their size).
     batch_axes: axes with one projection per index.
+    kind: how ``P`` is drawn: ``'gaussian'``, ``'rademacher'`` or
+      ``'orthogonal'`` (the :class:`Projector`'s ``projection``).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -65,7 +98,9 @@ class LeafPlan:
     >>> plan = proj.plan({'w': jnp.ones((16, 32))})['w']
     >>> plan.compress_axes, plan.d, plan.p_shape, plan.sketch_shape
     ((0,), 16, (4, 16), (4, 32))
-    >>> p = plan.projection(jax.random.key(0), 'gaussian')
+    >>> plan.sketch_axes  # axis 0 of the sketch is the rank axis
+    (None, 1)
+    >>> p = plan.projection(jax.random.key(0))  # drawn as plan.kind
     >>> plan.decompress(plan.compress(jnp.ones((16, 32)), p), p).shape
     (16, 32)
   """
@@ -74,6 +109,7 @@ class LeafPlan:
   rank: int | None = None
   compress_axes: tuple[int, ...] = ()
   batch_axes: tuple[int, ...] = ()
+  kind: Projection = 'gaussian'
 
   @property
   def dense(self) -> bool:
@@ -85,52 +121,58 @@ class LeafPlan:
     """The size of the compressed axes together (1 for a dense leaf)."""
     return math.prod(self.shape[a] for a in self.compress_axes)
 
+  # --- axis maps: the compressed axes collapse into a rank axis at the first
+  # of them (the sketch); ``P`` is ``(*batch, r, *compressed)``.
+  @property
+  def sketch_axes(self) -> AxisMap:
+    """Per axis of the sketch, the leaf axis it is (None: the rank axis)."""
+    if self.dense:
+      return tuple(range(len(self.shape)))
+    first = self.compress_axes[0]
+    return tuple(None if i == first else i for i in range(len(self.shape))
+                 if i == first or i not in self.compress_axes)
+
+  @property
+  def p_axes(self) -> AxisMap:
+    """Per axis of ``P``, the leaf axis it is (None: the rank axis)."""
+    return (*self.batch_axes, None, *self.compress_axes)
+
+  @property
+  def rr_axes(self) -> AxisMap:
+    """Per axis of an ``(*batch, r, r')`` matrix, the leaf axis it is."""
+    return (*self.batch_axes, None, None)
+
   @property
   def p_shape(self) -> tuple[int, ...]:
     """The shape of ``P``: ``(*batch, r, *compressed)``."""
-    return (*(self.shape[a] for a in self.batch_axes), self.rank,
-            *(self.shape[a] for a in self.compress_axes))
+    return arrange(self.p_axes, self.shape, self.rank)
 
   @property
   def sketch_shape(self) -> tuple[int, ...]:
     """The shape of the leaf's sketch (its own shape if dense)."""
-    if self.dense:
-      return self.shape
-    out = []
-    for i, s in enumerate(self.shape):
-      if i == self.compress_axes[0]:
-        out.append(self.rank)
-      elif i not in self.compress_axes:
-        out.append(s)
-    return tuple(out)
+    return arrange(self.sketch_axes, self.shape, self.rank)
 
   # --- einsum subscripts -------------------------------------------------
   def _labels(self) -> str:
     return _LETTERS[:len(self.shape)]
 
   def _p_labels(self, r: str = _R) -> str:
-    lab = self._labels()
-    return (''.join(lab[a] for a in self.batch_axes) + r +
-            ''.join(lab[a] for a in self.compress_axes))
+    return ''.join(arrange(self.p_axes, self._labels(), r))
 
   def _s_labels(self, r: str = _R) -> str:
-    lab = self._labels()
-    out = ''
-    for i in range(len(self.shape)):
-      if i == self.compress_axes[0]:
-        out += r
-      elif i not in self.compress_axes:
-        out += lab[i]
-    return out
+    return ''.join(arrange(self.sketch_axes, self._labels(), r))
 
   def _rr_labels(self) -> str:
-    lab = self._labels()
-    return ''.join(lab[a] for a in self.batch_axes) + _R + _R2
+    return ''.join(arrange(self.rr_axes, self._labels(), _R, _R2))
 
   # --- operations with explicit projections ------------------------------
-  def projection(self, key: jax.Array, projection: Projection,
+  def projection(self, key: jax.Array, projection: Projection | None = None,
                  dtype: Any = jnp.float32) -> jax.Array:
-    """Draws ``P`` with shape ``(*batch, r, *compressed)`` from a typed key."""
+    """Draws ``P`` with shape ``(*batch, r, *compressed)`` from a typed key.
+
+    ``projection`` (default: the plan's ``kind``) is how it is drawn.
+    """
+    projection = projection or self.kind
     batch = tuple(self.shape[a] for a in self.batch_axes)
     comp = tuple(self.shape[a] for a in self.compress_axes)
     r, d = self.rank, self.d
@@ -152,12 +194,14 @@ class LeafPlan:
 
   # --- products (sharded like the leaf on an Explicit-axes mesh) ----------
   # ``sharding`` is the leaf's own sharding on an Explicit mesh, or None: see
-  # ``_sharding.explicit_sharding``.
+  # ``_sharding.explicit_sharding``. ``y_axes``/``out_axes`` are the axis maps
+  # of ``y`` and of the result (None: the leaf's own axes).
   def _product(self, subscripts: str, x: jax.Array, y: jax.Array,
-               sharding: NamedSharding | None, y_spec, out_spec) -> jax.Array:
+               sharding: NamedSharding | None, y_axes: AxisMap,
+               out_axes: AxisMap | None) -> jax.Array:
     return _sharding.einsum(subscripts, x, y,
-                            _sharding.derived(sharding, self, y_spec),
-                            _sharding.derived(sharding, self, out_spec))
+                            sharding_on(self, y_axes, sharding),
+                            sharding_on(self, out_axes, sharding))
 
   def compress(self, g: jax.Array, p: jax.Array,
                sharding: NamedSharding | None = None) -> jax.Array:
@@ -165,14 +209,19 @@ class LeafPlan:
     compressed axis, never gathered)."""
     return self._product(
         f'{self._labels()},{self._p_labels()}->{self._s_labels()}', g, p,
-        sharding, _sharding.projection_spec, _sharding.sketch_spec)
+        sharding, self.p_axes, self.sketch_axes)
 
   def decompress(self, c: jax.Array, p: jax.Array,
                  sharding: NamedSharding | None = None) -> jax.Array:
     """``C P`` or ``Pᵀ C``: back to the leaf's shape (no communication)."""
     return self._product(
         f'{self._s_labels()},{self._p_labels()}->{self._labels()}', c, p,
-        sharding, _sharding.projection_spec, None)
+        sharding, self.p_axes, None)
+
+  def _gram(self, p: jax.Array, q: jax.Array) -> jax.Array:
+    """``P Qᵀ`` per batch element: ``(*batch, r, r')``."""
+    return jnp.einsum(f'{self._p_labels(_R)},{self._p_labels(_R2)}->'
+                      f'{self._rr_labels()}', p, q)
 
   def transfer(self, c: jax.Array, p_old: jax.Array, p_new: jax.Array,
                method: Transfer = 'unbiased',
@@ -181,14 +230,12 @@ class LeafPlan:
     if method == 'reset':
       return jnp.zeros_like(c)
     # T = P_old P_newᵀ (batch, r, r): the full-size matrix is never formed.
-    t = jnp.einsum(f'{self._p_labels(_R)},{self._p_labels(_R2)}->'
-                   f'{self._rr_labels()}', p_old, p_new)
+    t = self._gram(p_old, p_new)
     if method == 'projected':
       # Least-squares re-projection: C' = C P_old pinv(P_new), where
       # pinv(P) = Pᵀ (P Pᵀ)⁻¹. It projects the carried momentum onto the new
       # row space, which never increases its norm.
-      gram = jnp.einsum(f'{self._p_labels(_R)},{self._p_labels(_R2)}->'
-                        f'{self._rr_labels()}', p_new, p_new)
+      gram = self._gram(p_new, p_new)
       t = jnp.swapaxes(jnp.linalg.solve(gram, jnp.swapaxes(t, -1, -2)), -1,
                        -2)
     return self.apply_rr(c, t, sharding)
@@ -199,37 +246,39 @@ class LeafPlan:
     # ``t`` is small and computed replicated; slice its batch axes like ``c``.
     return self._product(
         f'{self._s_labels(_R)},{self._rr_labels()}->{self._s_labels(_R2)}',
-        c, t, sharding, _sharding.rr_spec, _sharding.sketch_spec)
+        c, t, sharding, self.rr_axes, self.sketch_axes)
 
   # --- the row space of P (residual momentum) ----------------------------
   # ``Π = Pᵀ (P Pᵀ)⁻¹ P`` is the orthogonal projector onto the row space of
   # ``P``. Applied to a sketch ``C = G Pᵀ`` it reads ``Π G = (C (P Pᵀ)⁻¹) P``:
   # only the ``r×r`` Gram matrix is formed, never a ``d×d`` one.
-  def gram_inverse(self, p: jax.Array, projection: Projection) -> jax.Array:
+  # ``projection`` below defaults to the plan's ``kind``.
+  def gram_inverse(self, p: jax.Array,
+                   projection: Projection | None = None) -> jax.Array:
     """``(P Pᵀ)⁻¹`` with shape ``(*batch, r, r)``.
 
     For ``'orthogonal'`` ``P Pᵀ = (d/r) I`` exactly, so no inverse is
     computed; for the others it is an ``r×r`` inverse per batch element.
     """
     batch = tuple(self.shape[a] for a in self.batch_axes)
-    if projection == 'orthogonal':
+    if (projection or self.kind) == 'orthogonal':
       eye = jnp.eye(self.rank, dtype=p.dtype) * (self.rank / self.d)
       return jnp.broadcast_to(eye, (*batch, self.rank, self.rank))
-    gram = jnp.einsum(f'{self._p_labels(_R)},{self._p_labels(_R2)}->'
-                      f'{self._rr_labels()}', p, p)
+    gram = self._gram(p, p)
     # P Pᵀ is symmetric positive definite (P has full row rank with
     # probability one): through its Cholesky factor the inverse compiles to
     # about a third of the program jnp.linalg.inv's LU makes (measured on CPU).
     eye = jnp.broadcast_to(jnp.eye(self.rank, dtype=gram.dtype), gram.shape)
     return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(gram), True), eye)
 
-  def dual_rows(self, p: jax.Array, projection: Projection,
+  def dual_rows(self, p: jax.Array, projection: Projection | None = None,
                 gram_inverse: jax.Array | None = None) -> jax.Array:
     """``(P Pᵀ)⁻¹ P``: decompressing a sketch with it gives ``Π G``.
 
     ``decompress(C, dual_rows(P)) == decompress(C (P Pᵀ)⁻¹, P)`` at ``r²·d``
     flops per matrix instead of ``n·r²``.
     """
+    projection = projection or self.kind
     if projection == 'orthogonal':
       return p * (self.rank / self.d)
     if gram_inverse is None:
@@ -238,7 +287,8 @@ class LeafPlan:
     return jnp.einsum(f'{self._rr_labels()},{self._p_labels(_R)}->'
                       f'{self._p_labels(_R2)}', gram_inverse, p)
 
-  def project(self, g: jax.Array, p: jax.Array, projection: Projection,
+  def project(self, g: jax.Array, p: jax.Array,
+              projection: Projection | None = None,
               sharding: NamedSharding | None = None) -> jax.Array:
     """``Π G``: the orthogonal projection of ``g`` onto the row space of ``p``."""
     c = self.compress(g, p, sharding)
@@ -249,20 +299,23 @@ class LeafPlan:
 
 
 def plan_leaf(path: KeyPath, leaf: Any, rank: int | RankFn | None, side: Side,
-              dn: DimensionNumbers | None, dn_given: bool) -> LeafPlan:
+              dn: DimensionNumbers | None, dn_given: bool,
+              kind: Projection = 'gaussian') -> LeafPlan:
   """The :class:`LeafPlan` of one leaf (an array or a ShapeDtypeStruct).
 
   ``dn`` is the leaf's matrix view; ``dn_given`` says whether the user chose
   it for this leaf (then ``None`` keeps the leaf dense) or it is the default
-  (the last two axes; scalars and vectors stay dense).
+  (the last two axes; scalars and vectors stay dense). ``kind`` is how its
+  ``P`` is drawn.
   """
   _checks.check_float_leaf(path, leaf)
   shape = tuple(int(s) for s in np.shape(leaf))
   ndim = len(shape)
+  dense = LeafPlan(shape, kind=kind)
   # An explicit DimensionNumbers for a scalar or vector can not fit: it is
   # checked below (and refused) rather than silently ignored.
   if rank is None or (dn_given and dn is None) or (ndim < 2 and not dn_given):
-    return LeafPlan(shape)
+    return dense
   if dn is None:
     rows, cols = (ndim - 2,), (ndim - 1,)
   else:
@@ -277,13 +330,13 @@ def plan_leaf(path: KeyPath, leaf: Any, rank: int | RankFn | None, side: Side,
   if callable(rank):
     r = rank(path, leaf)
     if r is None:
-      return LeafPlan(shape)
+      return dense
     _checks.check_leaf_rank(r, d, path)
   else:
     r = rank
     if d <= r:
-      return LeafPlan(shape)
-  return LeafPlan(shape, int(r), tuple(sorted(comp)), batch)
+      return dense
+  return LeafPlan(shape, int(r), tuple(sorted(comp)), batch, kind)
 
 
 def is_plan(x: Any) -> bool:
@@ -308,18 +361,24 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
 # compressed state saved), one call per leaf makes the program large.
 DRAW_CHUNK_BYTES = 8 * 2**20
 
-Item = tuple[KeyPath, LeafPlan, Any]  # (path, plan, compute dtype)
+class Item(NamedTuple):
+  """One leaf of a tree as the engine sees it."""
+
+  path: KeyPath
+  plan: LeafPlan
+  dtype: Any  # the compute dtype (:func:`compute_dtype`)
 
 
 def _chunks(items: Sequence[Item]) -> list[list[int]]:
-  """Indices of compressed leaves drawn together: same ``P`` shape and
-  dtype, at most :data:`DRAW_CHUNK_BYTES` per chunk, in leaf order."""
+  """Indices of compressed leaves drawn together: same ``P`` shape, dtype
+  and kind, at most :data:`DRAW_CHUNK_BYTES` per chunk, in leaf order."""
   groups: dict[Any, list[int]] = {}
   for i, (_, plan, dtype) in enumerate(items):
     if not plan.dense:
-      groups.setdefault((plan.p_shape, jnp.dtype(dtype)), []).append(i)
+      groups.setdefault((plan.p_shape, jnp.dtype(dtype), plan.kind),
+                        []).append(i)
   out = []
-  for (p_shape, dtype), idx in groups.items():
+  for (p_shape, dtype, _), idx in groups.items():
     # An empty ``P`` (a zero-length batch axis) costs nothing: one chunk.
     nbytes = math.prod(p_shape) * dtype.itemsize
     per = len(idx) if nbytes == 0 else max(1, DRAW_CHUNK_BYTES // nbytes)
@@ -327,47 +386,54 @@ def _chunks(items: Sequence[Item]) -> list[list[int]]:
   return out
 
 
-def draw_projections(items: Sequence[Item], key: jax.Array,
-                     projection: Projection) -> list[jax.Array | None]:
+def _scatter(out: list[Any], idx: Sequence[int], stacked: jax.Array) -> None:
+  """``out[i]`` for each ``i`` of a chunk from one stacked result."""
+  for n, i in enumerate(idx):
+    out[i] = stacked[n]
+
+
+def draw_projections(items: Sequence[Item],
+                     key: jax.Array) -> list[jax.Array | None]:
   """Draws ``P`` for every ``(path, plan, dtype)``; ``None`` for dense ones.
 
-  Leaf ``path`` gets the projection of ``leaf_key(key, path)``. Leaves whose
-  projections have the same shape and dtype are drawn by one vmapped call per
-  chunk (GPT-2 small: 50 draws become a few), which for Threefry keys gives
-  the very same values as one call per leaf: compiled programs stay small
-  without changing a projection. Other implementations (``rbg``) do not
-  promise that, and a batched QR (``'orthogonal'``) may round differently from
-  one QR per leaf from one program to another, so those are drawn one by one.
+  Leaf ``path`` gets the projection of ``leaf_key(key, path)``, drawn as its
+  plan's ``kind``. Leaves whose projections have the same shape and dtype
+  are drawn by one vmapped call per chunk (GPT-2 small: 50 draws become a
+  few), which for Threefry keys gives the very same values as one call per
+  leaf: compiled programs stay small without changing a projection. Other
+  implementations (``rbg``) do not promise that, and a batched QR
+  (``'orthogonal'``) may round differently from one QR per leaf from one
+  program to another, so those are drawn one by one.
   """
   out: list[jax.Array | None] = [None] * len(items)
-  batched = (_keys.impl_name(key) == 'threefry2x32' and
-             projection != 'orthogonal')
+  threefry = _keys.impl_name(key) == 'threefry2x32'
   for idx in _chunks(items):
-    if not batched or len(idx) == 1:
+    _, plan0, dtype0 = items[idx[0]]
+    if not threefry or plan0.kind == 'orthogonal' or len(idx) == 1:
       for i in idx:
         path, plan, dtype = items[i]
-        out[i] = plan.projection(_keys.leaf_key(key, path), projection, dtype)
+        out[i] = plan.projection(_keys.leaf_key(key, path), dtype=dtype)
       continue
-    _, plan0, dtype = items[idx[0]]
     ids = jnp.asarray([_keys.leaf_id(items[i][0]) for i in idx], jnp.uint32)
     keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(ids)
-    stacked = jax.vmap(lambda k: plan0.projection(k, projection, dtype))(keys)
-    for n, i in enumerate(idx):
-      out[i] = stacked[n]
+    _scatter(out, idx, jax.vmap(lambda k: plan0.projection(k, dtype=dtype0))(
+        keys))
   return out
 
 
-def gram_inverses(items: Sequence[Item], ps: Sequence[jax.Array | None],
-                  projection: Projection) -> list[jax.Array | None]:
-  """``(P Pᵀ)⁻¹`` of every compressed leaf, one batched inverse per chunk."""
+def gram_inverses(items: Sequence[Item],
+                  ps: Sequence[jax.Array | None]) -> list[jax.Array | None]:
+  """``(P Pᵀ)⁻¹`` of every compressed leaf, one batched inverse per chunk;
+  None for dense leaves and for ``'orthogonal'`` ones, whose
+  :meth:`LeafPlan.dual_rows` needs none (``P Pᵀ = (d/r) I`` exactly)."""
   out: list[jax.Array | None] = [None] * len(items)
   for idx in _chunks(items):
     plan0 = items[idx[0]][1]
-    if len(idx) == 1:
-      out[idx[0]] = plan0.gram_inverse(ps[idx[0]], projection)
+    if plan0.kind == 'orthogonal':
       continue
-    stacked = jax.vmap(lambda p: plan0.gram_inverse(p, projection))(
-        jnp.stack([ps[i] for i in idx]))
-    for n, i in enumerate(idx):
-      out[i] = stacked[n]
+    if len(idx) == 1:
+      out[idx[0]] = plan0.gram_inverse(ps[idx[0]])
+      continue
+    _scatter(out, idx, jax.vmap(plan0.gram_inverse)(
+        jnp.stack([ps[i] for i in idx])))
   return out

@@ -90,7 +90,7 @@ class Projector:
 
     def leaf(path, x, leaf_dn, given):
       return _projection.plan_leaf(path, x, self.rank, self.side, leaf_dn,
-                                   given)
+                                   given, self.projection)
 
     if dn is None or isinstance(dn, DimensionNumbers):
       return jax.tree_util.tree_map_with_path(
@@ -170,10 +170,10 @@ class Projector:
     olds = leaves.draw(_keys.as_typed(old_key))
     news = leaves.draw(_keys.as_typed(new_key))
     return leaves.unflatten([
-        c if p is None else plan.transfer(c.astype(dt), p_old, p, method, sh)
-        for c, p_old, p, (_, plan, dt), sh in zip(
-            leaves.flatten(sketches), olds, news, leaves.items,
-            leaves.shardings)])
+        c if p is None else item.plan.transfer(c.astype(item.dtype), p_old, p,
+                                               method, sh)
+        for c, p_old, p, item, sh in zip(leaves.flatten(sketches), olds, news,
+                                         leaves.items, leaves.shardings)])
 
   def project(self, tree: Any, key: KeyLike) -> Any:
     """Projects every leaf orthogonally onto the row space of its ``P``.
@@ -196,6 +196,7 @@ class Projector:
     leaves = Leaves.of(self, tree)
     ps = leaves.draw(_keys.as_typed(key))
     return leaves.unflatten([
-        g if p is None else plan.project(g.astype(dt), p, self.projection, sh)
-        for g, p, (_, plan, dt), sh in zip(leaves.flatten(tree), ps,
-                                           leaves.items, leaves.shardings)])
+        g if p is None else item.plan.project(g.astype(item.dtype), p,
+                                              sharding=sh)
+        for g, p, item, sh in zip(leaves.flatten(tree), ps, leaves.items,
+                                  leaves.shardings)])

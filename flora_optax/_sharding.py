@@ -40,17 +40,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from flora_optax import _checks
 
-__all__ = ['state_shardings']
 
-
-# --- shardings of sketches and projections (Explicit-axes meshes) -------------
-# ``sharding`` below is a leaf's own sharding on an Explicit mesh (see
-# ``explicit_sharding``), or None (unsharded, or Auto axes left to XLA, which
-# then propagates shardings itself). A sketch keeps the mesh axes of the axes
-# that are not compressed and replicates the rank axis; ``P`` is drawn
-# replicated (so its values never depend on the mesh) and then sliced like the
-# leaf's compressed and batch axes, which costs no communication. ``plan``
-# arguments are ``LeafPlan``s.
+# --- arrays on Explicit-axes meshes -------------------------------------------
+# A leaf's sharding on an Explicit mesh (see ``explicit_sharding``), or None
+# (unsharded, or Auto axes left to XLA, which then propagates shardings
+# itself). A sketch keeps the mesh axes of the axes that are not compressed
+# and replicates the rank axis; ``P`` is drawn replicated (so its values never
+# depend on the mesh) and then sliced like the leaf's compressed and batch
+# axes, which costs no communication. Those shardings derive from a
+# ``LeafPlan``'s axis maps (``_projection.sharding_on``).
 
 
 def explicit_sharding(x: Any) -> NamedSharding | None:
@@ -70,44 +68,6 @@ def explicit_sharding(x: Any) -> NamedSharding | None:
   if mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
     return None
   return sharding
-
-
-def _padded(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
-  return tuple(spec) + (None,) * (ndim - len(spec))
-
-
-def sketch_spec(plan: Any, spec: PartitionSpec) -> PartitionSpec:
-  """The spec of the sketch of a leaf with partition spec ``spec``."""
-  spec = _padded(spec, len(plan.shape))
-  if plan.dense:
-    return PartitionSpec(*spec)
-  first = plan.compress_axes[0]
-  return PartitionSpec(*(None if i == first else spec[i]
-                         for i in range(len(plan.shape))
-                         if i == first or i not in plan.compress_axes))
-
-
-def projection_spec(plan: Any, spec: PartitionSpec) -> PartitionSpec:
-  """The spec of ``P`` (``(*batch, r, *compressed)``) for a leaf's ``spec``."""
-  spec = _padded(spec, len(plan.shape))
-  return PartitionSpec(*(spec[a] for a in plan.batch_axes), None,
-                       *(spec[a] for a in plan.compress_axes))
-
-
-def rr_spec(plan: Any, spec: PartitionSpec) -> PartitionSpec:
-  """The spec of an ``(*batch, r, r)`` matrix for a leaf's ``spec``."""
-  spec = _padded(spec, len(plan.shape))
-  return PartitionSpec(*(spec[a] for a in plan.batch_axes), None, None)
-
-
-def derived(sharding: NamedSharding | None, plan: Any,
-            spec_fn: Callable[[Any, PartitionSpec], PartitionSpec] | None
-           ) -> NamedSharding | None:
-  """``sharding``'s mesh with ``spec_fn(plan, sharding.spec)`` (None: the
-  leaf's own sharding); None without a sharding."""
-  if sharding is None or spec_fn is None:
-    return sharding
-  return NamedSharding(sharding.mesh, spec_fn(plan, sharding.spec))
 
 
 def einsum(subscripts: str, x: jax.Array, y: jax.Array,
@@ -156,22 +116,16 @@ def fit_names(names: Any, shape: tuple[int, ...],
   return tuple(e if fits(e, n) else None for e, n in zip(names, shape))
 
 
-def sketch_zeros(plan: Any, like: Any, dtype: Any,
-                 shape: tuple[int, ...] | None = None) -> jax.Array:
-  """Zeros of ``plan``'s sketch shape, sharded like ``like`` if it is typed.
-
-  ``shape`` (default the sketch's) is that of an array with the sketch's axes
-  and sharding, e.g. the codes or the block scales of a quantized sketch
-  (mesh axes that do not divide its axes are dropped, see :func:`fit_names`).
-  """
-  sharding = derived(explicit_sharding(like), plan, sketch_spec)
-  if shape is None:
-    return zeros(plan.sketch_shape, dtype, sharding)
-  if sharding is not None:
-    mesh = sharding.mesh
-    sharding = NamedSharding(mesh, PartitionSpec(*fit_names(
-        sharding.spec, shape, dict(zip(mesh.axis_names, mesh.axis_sizes)))))
-  return zeros(shape, dtype, sharding)
+def fit_sharding(sharding: NamedSharding | None,
+                 shape: tuple[int, ...]) -> NamedSharding | None:
+  """``sharding`` for an array of ``shape`` with the same axes, e.g. the
+  codes or block scales of a quantized sketch: mesh axes that do not divide
+  its axes are dropped (:func:`fit_names`)."""
+  if sharding is None:
+    return None
+  mesh = sharding.mesh
+  return NamedSharding(mesh, PartitionSpec(*fit_names(
+      sharding.spec, shape, dict(zip(mesh.axis_names, mesh.axis_sizes)))))
 
 
 def zeros_of(shape: jax.ShapeDtypeStruct) -> jax.Array:

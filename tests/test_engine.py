@@ -30,8 +30,7 @@ def test_chunked_draws_are_the_per_leaf_projections(monkeypatch, chunk_leaves):
   p_bytes = 4 * 24 * 4
   monkeypatch.setattr(_projection, 'DRAW_CHUNK_BYTES', chunk_leaves * p_bytes)
   key = jax.random.key(3)
-  got = jax.jit(lambda k: _projection.draw_projections(items, k, 'gaussian'))(
-      key)
+  got = jax.jit(lambda k: _projection.draw_projections(items, k))(key)
   for (path, plan), g in zip(flat, got):
     if plan.dense:
       assert g is None

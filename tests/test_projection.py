@@ -233,9 +233,8 @@ def test_grouped_draws_are_the_per_leaf_projections_bit_for_bit(
         _keys.leaf_key(key, path), projection, jnp.float32)
             for path, plan in flat]
 
-  for draw in (lambda k: _projection.draw_projections(items, k, projection),
-               jax.jit(lambda k: _projection.draw_projections(
-                   items, k, projection))):
+  for draw in (lambda k: _projection.draw_projections(items, k),
+               jax.jit(lambda k: _projection.draw_projections(items, k))):
     got = draw(key)
     for (path, _), g, w in zip(flat, got, per_leaf(key)):
       if w is None:
