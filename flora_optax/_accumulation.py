@@ -30,7 +30,6 @@ from flora_optax import _checks
 from flora_optax import _keys
 from flora_optax import _leaves
 from flora_optax import _quantization
-from flora_optax import _sharding
 from flora_optax._leaves import Leaves
 from flora_optax._projector import Projector
 from flora_optax._types import (DimensionNumbersSpec, KeyLike, Projection,
@@ -115,10 +114,10 @@ def _cast_dtypes(new: Any, old: Any) -> Any:
   return jax.tree.map(f, new, old)
 
 
-def _zero_updates(inner, updates, inner_state) -> Any:
+def _zero_updates(inner, updates, inner_state, params) -> Any:
   """Zeros shaped like the inner optimizer's updates (only traced)."""
-  shapes, _ = jax.eval_shape(inner, updates, inner_state)
-  return jax.tree.map(_sharding.zeros_of, shapes)
+  shapes, _ = jax.eval_shape(inner, updates, inner_state, params)
+  return _leaves.zeros_of(shapes)
 
 
 # Measured (README, "Quantized states"): an accumulator adds K comparable
@@ -258,9 +257,9 @@ class MultiSteps:
           should_skip_update_fn, 'should_skip_update_fn',
           'None or a callable (updates, gradient_step, params) -> (bool, '
           'state)')
-    # A typed key: the PRNG implementation is fixed here, at construction.
-    self._key = _keys.typed_key(key)
-    self._user_key = key
+    # The PRNG implementation is fixed here, at construction.
+    self._impl = _keys.key_impl(key)
+    self._key = key
     self._projector = Projector(rank, projection=projection, side=side,
                                 dimension_numbers=dimension_numbers)
     self._opt = optax.with_extra_args_support(opt)
@@ -305,7 +304,7 @@ class MultiSteps:
         skip_state=skip_state,
         # From the user's key, made here: under an Explicit mesh an int seed
         # then gives replicated key data, as every other state leaf.
-        key=_keys.key_data(self._user_key, self._key),
+        key=_keys.key_data(self._key, self._impl),
     )
 
   def update(
@@ -324,56 +323,60 @@ class MultiSteps:
     leaves = Leaves.of(self._projector, updates, quantizer=self._quantizer)
     leaves.check_state(state.acc_grads, 'gradient accumulator', params)
 
-    def inner(g, inner_state):
+    # updates and params are arguments of the branches, not captured by
+    # them (as in optax.MultiSteps, so that XLA can reuse their buffers).
+    def inner(g, inner_state, params):
       return self._opt.update(g, inner_state, params, **extra_args)
 
-    def micro_step(state):
-      return self._micro_step(leaves, updates, state, k_steps, skip_state,
-                              inner)
+    def micro_step(updates, state, params):
+      return self._micro_step(leaves, updates, state, params, k_steps,
+                              skip_state, inner)
 
     if not self._skip_given:
-      return micro_step(state)
+      return micro_step(updates, state, params)
 
-    def skip(state):
-      return (_zero_updates(inner, updates, state.inner_opt_state),
+    def skip(updates, state, params):
+      return (_zero_updates(inner, updates, state.inner_opt_state, params),
               state._replace(skip_state=skip_state))
 
-    return jax.lax.cond(should_skip, skip, micro_step, state)
+    return jax.lax.cond(should_skip, skip, micro_step, updates, state, params)
 
   def _micro_step(self, leaves: Leaves, updates, state: MultiStepsState,
-                  k_steps, skip_state, inner):
+                  params, k_steps, skip_state, inner):
     """Adds ``updates`` to the accumulator; on the cycle's last micro-step
     hands the decompressed mean to the inner optimizer."""
     acc_dtype = self._accumulator_dtype
-    cycle_key = _keys.cycle_key(state.key, state.gradient_step,
-                                'accumulation', impl=self._key)
-    ps = leaves.draw(cycle_key)  # once, for compression and decompression
-    gs, stored = leaves.flatten(updates), leaves.flatten(state.acc_grads)
+    # Drawn once, for compression and decompression.
+    ps = leaves.draw(_keys.cycle_key(state.key, state.gradient_step,
+                                     'accumulation', impl=self._impl))
     rounding = _rounding_key(self._quantizer, state.key, state.gradient_step,
-                             state.mini_step, self._key)
+                             state.mini_step, self._impl)
     emit = state.mini_step == k_steps - 1
 
-    def emit_update(stored, inner_state):
-      accs = _accumulate(leaves, ps, gs, leaves.load(stored), state.mini_step,
+    def emit_update(updates, stored, inner_state, params):
+      accs = _accumulate(leaves, ps, leaves.flatten(updates),
+                         leaves.load(stored), state.mini_step,
                          self._use_grad_mean)
       mean = leaves.unflatten(leaves.decompress(accs, ps))
       new_updates, new_inner = inner(optax.tree.cast_like(mean, updates),
-                                     inner_state)
+                                     inner_state, params)
       # Zero codes and scales, or float zeros: what storing zeros gives,
       # without encoding constants (XLA would fold them, slowly).
       zeros = [jax.tree.map(jnp.zeros_like, s) for s in stored]
       return new_updates, _cast_dtypes(new_inner, inner_state), zeros
 
-    def hold(stored, inner_state):
+    def hold(updates, stored, inner_state, params):
       # Accumulated and stored inside the branch: the float accumulators
       # of every leaf are never operands of the cond at once.
-      return (_zero_updates(inner, updates, inner_state), inner_state,
-              _accumulate_stored(leaves, ps, gs, stored, state.mini_step,
-                                 self._use_grad_mean, acc_dtype, rounding))
+      return (_zero_updates(inner, updates, inner_state, params), inner_state,
+              _accumulate_stored(leaves, ps, leaves.flatten(updates), stored,
+                                 state.mini_step, self._use_grad_mean,
+                                 acc_dtype, rounding))
 
     # The inner optimizer runs on the last micro-step only.
     new_updates, new_inner, new_accs = jax.lax.cond(
-        emit, emit_update, hold, stored, state.inner_opt_state)
+        emit, emit_update, hold, updates, leaves.flatten(state.acc_grads),
+        state.inner_opt_state, params)
     return new_updates, MultiStepsState(
         mini_step=optax.safe_increment(state.mini_step) % k_steps,
         gradient_step=jnp.where(emit,

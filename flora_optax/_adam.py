@@ -150,7 +150,7 @@ def scale_by_adam(
                        'states: pass `bits` (8 or 4) too.')
     return optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype,
                                nesterov=nesterov)
-  typed_key = _keys.typed_key(key)
+  impl = _keys.key_impl(key)
   mu_q = _quantization.make_quantizer(bits, block_size, code_map,
                                       stochastic_rounding, min_quantized_size)
   # The same blocks and minimum size for both moments, so that a leaf's two
@@ -165,21 +165,9 @@ def scale_by_adam(
     _checks.check_float_leaves(params)
     return ScaleByAdamState(
         count=jnp.zeros([], jnp.int32),
-        key=_keys.key_data(key, typed_key),
+        key=_keys.key_data(key, impl),
         mu=_leaves.sketch_zeros(projector, params, mu_dtype, mu_q),
         nu=_leaves.sketch_zeros(projector, params, None, nu_q))
-
-  def output(g, m, v, count):
-    """The update from the new moments, as ``optax.scale_by_adam``."""
-
-    def unbiased(x, decay, t):  # optax.tree.bias_correction
-      return x / (1 - decay**t).astype(x.dtype)
-
-    m_hat = unbiased(m, b1, count)
-    if nesterov:
-      m_hat = (b1 * unbiased(m, b1, optax.safe_increment(count)) +
-               (1 - b1) * unbiased(g, b1, count))
-    return m_hat / (jnp.sqrt(unbiased(v, b2, count) + eps_root) + eps)
 
   def update_fn(updates, state, params=None):
     mus = _leaves.Leaves.of(projector, updates, quantizer=mu_q)
@@ -190,13 +178,8 @@ def scale_by_adam(
     count = optax.safe_increment(state.count)
     rounding = [None, None]
     if stochastic_rounding:
-      rounding = [_keys.cycle_key(state.key, count, purpose, impl=typed_key)
+      rounding = [_keys.cycle_key(state.key, count, purpose, impl=impl)
                   for purpose in ('adam_mu_rounding', 'adam_nu_rounding')]
-
-    def stored(leaves, i, value, old, key):
-      """A moment as it is stored (a float one keeps its dtype)."""
-      return leaves.store_one(i, value, None if is_quantized(old) else
-                              old.dtype, key)
 
     outs, new_mu, new_nu, prev = [], [], [], None
     for i, (g, mu, nu) in enumerate(zip(mus.flatten(updates),
@@ -210,18 +193,38 @@ def scale_by_adam(
       # optax's arithmetic (optax.tree.update_moment and
       # update_moment_per_elem_norm), in float32.
       m = (1 - b1) * g32 + b1 * mus.load_one(i, mu)
-      new_mu.append(stored(mus, i, m, mu, rounding[0]))
+      new_mu.append(_stored(mus, i, m, mu, rounding[0]))
       if is_quantized(nu):
         nu = _quantization.after(new_mu[-1], nu)
       v = (1 - b2) * (g32 * g32) + b2 * nus.load_one(i, nu)
-      new_nu.append(stored(nus, i, v, nu, rounding[1]))
+      new_nu.append(_stored(nus, i, v, nu, rounding[1]))
       prev = new_nu[-1] if is_quantized(nu) else prev
-      outs.append(output(g32, m, v, count).astype(g.dtype))
+      outs.append(_output(g32, m, v, count, b1, b2, eps, eps_root,
+                          nesterov).astype(g.dtype))
     return mus.unflatten(outs), ScaleByAdamState(
         count=count, key=state.key, mu=mus.unflatten(new_mu),
         nu=nus.unflatten(new_nu))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _output(g, m, v, count, b1, b2, eps, eps_root, nesterov):
+  """The update from the new moments, as ``optax.scale_by_adam``."""
+
+  def unbiased(x, decay, t):  # optax.tree.bias_correction
+    return x / (1 - decay**t).astype(x.dtype)
+
+  m_hat = unbiased(m, b1, count)
+  if nesterov:
+    m_hat = (b1 * unbiased(m, b1, optax.safe_increment(count)) +
+             (1 - b1) * unbiased(g, b1, count))
+  return m_hat / (jnp.sqrt(unbiased(v, b2, count) + eps_root) + eps)
+
+
+def _stored(leaves: _leaves.Leaves, i: int, value, old, key):
+  """A moment as it is stored (a float one keeps its dtype)."""
+  return leaves.store_one(i, value, None if is_quantized(old) else old.dtype,
+                          key)
 
 
 def adamw(

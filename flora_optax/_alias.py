@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import optax
 
 from flora_optax import _checks
-from flora_optax import _nnx
+from flora_optax import _leaves
 from flora_optax._momentum import DEFAULT_RESIDUAL, compressed_momentum
 from flora_optax._types import (DimensionNumbersSpec, KeyLike, Projection,
                                 RankFn, Side, Transfer)
+
 
 def flora(
     learning_rate: optax.ScalarOrSchedule | None,
@@ -195,7 +196,13 @@ def flora(
     tx.append(optax.add_decayed_weights(weight_decay_rate,
                                         mask=weight_decay_mask))
   tx.append(optax.scale(-1))
-  chain = optax.chain(*tx)
+  return _checked(optax.chain(*tx))
+
+
+def _checked(chain: optax.GradientTransformationExtraArgs
+            ) -> optax.GradientTransformationExtraArgs:
+  """``chain`` (flora's) with its inputs checked and its Adafactor state's
+  Flax NNX metadata fitted."""
 
   def update_fn(updates, state, params=None, **extra_args):
     # Adafactor's parts would fail on a mismatched tree with a bare
@@ -213,7 +220,7 @@ def flora(
     # inherit their params' sharding metadata (see _nnx.fit_metadata).
     factored = state[0]
     factored = factored._replace(**{
-        f: _nnx.fit_metadata(params, getattr(factored, f))
+        f: _leaves.fit_metadata(params, getattr(factored, f))
         for f in ('v_row', 'v_col', 'v')})
     return (factored,) + tuple(state[1:])
 

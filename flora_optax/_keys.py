@@ -13,9 +13,9 @@ yields the same projection for both), ``cycle`` numbers resample cycles, and
 (``threefry2x32``, ``rbg``, ``unsafe_rbg``, ...). The implementation is static:
 that of a typed key, or the default implementation
 (``jax_default_prng_impl``) when the optimizer is built, for an int seed or
-raw key data. The optimizers turn the user's key into a typed key once, at
-construction (:func:`typed_key`), and rewrap the stored key data with its
-implementation (``impl=`` of :func:`cycle_key`).
+raw key data. The optimizers check the user's key and fix its implementation
+once, at construction (:func:`key_impl`), and rewrap the stored key data with
+it (``impl=`` of :func:`cycle_key`).
 
 **Leaf identity.** ``leaf_id`` is a CRC32 of the sequence of the entries of the
 leaf's key path, each reduced to its key, name or index: ``DictKey.key``,
@@ -152,6 +152,14 @@ def typed_key(key: KeyLike, name: str = 'key') -> jax.Array:
   # used outside it); a traced seed stays traced.
   with jax.ensure_compile_time_eval():
     return wrap(key_data(key, impl), impl)
+
+
+def key_impl(key: KeyLike, name: str = 'key') -> str:
+  """Checks ``key`` as :func:`typed_key` does and returns the name of its
+  PRNG implementation, fixed at construction: an optimizer keeps the user's
+  key (its state's key data is made from it in ``init``) and this name (for
+  ``impl=`` of :func:`key_data` and :func:`cycle_key`)."""
+  return impl_name(typed_key(key, name))
 
 
 def key_data(key: KeyLike, impl: ImplLike = None) -> jax.Array:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import warnings
 from typing import Any, NamedTuple
@@ -13,9 +15,10 @@ import optax
 from flora_optax import _checks
 from flora_optax import _keys
 from flora_optax import _leaves
-from flora_optax import _projection
 from flora_optax import _quantization
+from flora_optax._leaves import Leaves
 from flora_optax._projector import Projector
+from flora_optax._quantization import Quantizer
 from flora_optax._types import (TRANSFERS, DimensionNumbersSpec, KeyLike,
                                 Projection, RankFn, Side, Transfer)
 
@@ -46,9 +49,10 @@ class CompressedMomentumState(NamedTuple):
   mu: optax.Updates
 
 
-def _warn_unstable(plans: Any, decay: Any, resample_every: Any,
+def _warn_unstable(compressed: Any, decay: Any, resample_every: Any,
                    transfer: str) -> None:
-  """Warns when ``decay**resample_every * sqrt(d/r) > 1`` for some leaf."""
+  """Warns when ``decay**resample_every * sqrt(d/r) > 1`` for some leaf of
+  ``compressed`` (``(path, plan)`` pairs)."""
   if transfer != 'unbiased' or resample_every is None:
     return
   if not (_checks.is_concrete(decay) and
@@ -56,8 +60,8 @@ def _warn_unstable(plans: Any, decay: Any, resample_every: Any,
     return
   shrink = float(decay)**int(resample_every)
   bad = []
-  for path, plan in _projection.flatten_plans(plans)[0]:
-    if not plan.dense and shrink * math.sqrt(plan.d / plan.rank) > 1.0:
+  for path, plan in compressed:
+    if shrink * math.sqrt(plan.d / plan.rank) > 1.0:
       bad.append(f'{jax.tree_util.keystr(path)} (d/r={plan.d}/{plan.rank})')
   if bad:
     warnings.warn(
@@ -255,7 +259,7 @@ def compressed_momentum(
   _checks.check_resample_every(resample_every)
   _checks.check_choice(transfer, 'transfer', TRANSFERS)
   # The PRNG implementation is fixed here; states keep raw key data.
-  typed_key = _keys.typed_key(key)
+  impl = _keys.key_impl(key)
   _checks.check_bool(nesterov, 'nesterov')
   _checks.check_bool(residual, 'residual')
   acc_dtype = _checks.check_float_dtype(accumulator_dtype, 'accumulator_dtype')
@@ -263,116 +267,155 @@ def compressed_momentum(
                              stochastic_rounding)
   quantizer = _quantization.make_quantizer(
       bits, block_size, code_map, stochastic_rounding, min_quantized_size)
-  # In residual mode the state's momentum is ``Π M`` and a transfer projects
-  # it onto the new subspace, a contraction.
-  projected_state = residual
+  steps = _Momentum(projector, decay, resample_every, nesterov, transfer,
+                    residual, acc_dtype, quantizer, key, impl)
+  return optax.GradientTransformationExtraArgs(steps.init, steps.update)
 
-  def init_fn(params: optax.Params) -> CompressedMomentumState:
-    plans = projector.plan(params)
-    if not projected_state:
-      _warn_unstable(plans, decay, resample_every, transfer)
-    mu = _leaves.sketch_zeros(projector, params, acc_dtype, quantizer)
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Momentum:
+  """The steps of :func:`compressed_momentum`, with its checked arguments.
+
+  ``key`` is the user's (the state's key data is made from it in ``init``),
+  ``impl`` the name of its PRNG implementation, fixed at construction.
+  """
+
+  projector: Projector
+  decay: Any
+  resample_every: Any
+  nesterov: bool
+  transfer: str
+  residual: bool
+  acc_dtype: Any
+  quantizer: Quantizer | None
+  key: KeyLike
+  impl: str
+
+  @property
+  def projected_state(self) -> bool:
+    """In residual mode the state's momentum is ``Π M`` and a transfer
+    projects it onto the new subspace, a contraction."""
+    return self.residual
+
+  def init(self, params: optax.Params) -> CompressedMomentumState:
+    if not self.projected_state:
+      _warn_unstable(_leaves.compressed_plans(self.projector.plan(params)),
+                     self.decay, self.resample_every, self.transfer)
+    mu = _leaves.sketch_zeros(self.projector, params, self.acc_dtype,
+                              self.quantizer)
     # Two arrays, not one: a jitted step that donates the state would
     # otherwise donate one buffer twice.
     return CompressedMomentumState(
         count=jnp.zeros([], jnp.int32), cycle=jnp.zeros([], jnp.int32),
         # From the user's key, made here: under an Explicit mesh an int seed
         # then gives replicated key data, as every other state leaf.
-        key=_keys.key_data(key, typed_key), mu=mu)
+        key=_keys.key_data(self.key, self.impl), mu=mu)
 
-  def carry(plan, m, p_old, p_new, sharding, gram_inv_old):
+  def _key(self, key_data: jax.Array, cycle: jax.Array,
+           purpose: str = 'momentum') -> jax.Array:
+    return _keys.cycle_key(key_data, cycle, purpose, impl=self.impl)
+
+  def _cycles(self, state: CompressedMomentumState):
+    """The step count, the cycle of this step, and whether it is new."""
+    count = optax.safe_increment(state.count)
+    if self.resample_every is None:
+      return count, state.cycle, None
+    # A saturated counter (2**31 - 1) no longer advances: the cycle, and with
+    # it the projection, then stays fixed and nothing is transferred.
+    k = jnp.asarray(self.resample_every, jnp.int32)
+    cycle = jnp.where(count > state.count, (count - 1) // k, state.cycle)
+    return count, cycle, cycle != state.cycle
+
+  def _gram_invs(self, leaves: Leaves, ps, needed: bool) -> list[Any]:
+    if not needed:
+      return [None] * len(ps)
+    return leaves.gram_inverses(ps)  # None where Gram = (d/r) I exactly
+
+  def _carry(self, plan, m, p_old, p_new, sharding, gram_inv_old):
     """The sketch ``m`` made with ``p_old``, moved to ``p_new``."""
-    if projected_state and transfer != 'reset':
+    if self.projected_state and self.transfer != 'reset':
       # compress_new(Π_old M): the r×r matrix (P_old P_oldᵀ)⁻¹ P_old P_newᵀ.
-      rows_old = plan.dual_rows(p_old, projection, gram_inv_old)
+      rows_old = plan.dual_rows(p_old, gram_inverse=gram_inv_old)
       return plan.transfer(m, rows_old, p_new, 'unbiased', sharding)
-    return plan.transfer(m, p_old, p_new, transfer, sharding)
+    return plan.transfer(m, p_old, p_new, self.transfer, sharding)
 
-  def output(plan, g, s, new_m, p, sharding, gram_inv):
+  def _transferred(self, leaves: Leaves, ps, key_data, old_cycle, sketches):
+    """The sketches of the old cycle moved to this cycle's projections."""
+    # The old projections are only drawn on the first step of a cycle.
+    olds = leaves.draw(self._key(key_data, old_cycle))
+    invs = self._gram_invs(leaves, olds,
+                           self.projected_state and self.transfer != 'reset')
+    return {i: self._carry(leaves.plans[i], m, olds[i], ps[i],
+                           leaves.shardings[i], invs[i])
+            for i, m in sketches.items()}
+
+  def _output(self, plan, g, s, new_m, p, sharding, gram_inv):
     """The update of a compressed leaf from its input ``g``, ``s = C(g)``."""
-    if not residual:
+    decay = self.decay
+    if not self.residual:
       out = plan.decompress(new_m, p, sharding)
-      return decay * out + (1 - decay) * g if nesterov else out
+      return decay * out + (1 - decay) * g if self.nesterov else out
     # out = (I - Π) g + Π M = g + Π (M - g) = g + decompress(coef), with
     # (P Pᵀ)⁻¹ P as rows: one decompression, as in paper mode, and r²·d
     # flops for the r×r factor instead of n·r² on the sketch.
     coef = new_m - s
-    if nesterov:  # β·(momentum) + (1-β)·Π g inside the subspace
+    if self.nesterov:  # β·(momentum) + (1-β)·Π g inside the subspace
       coef = decay * coef
-    return g + plan.decompress(coef, plan.dual_rows(p, projection, gram_inv),
-                               sharding)
+    return g + plan.decompress(
+        coef, plan.dual_rows(p, gram_inverse=gram_inv), sharding)
 
-  def gram_invs(leaves, ps, needed):
-    if not needed or projection == 'orthogonal':  # Gram = (d/r) I exactly
-      return [None] * len(ps)
-    return leaves.gram_inverses(ps)
+  def _dense(self, leaves: Leaves, i: int, g32, old, prev):
+    """A dense leaf's update and new momentum: an exact EMA."""
+    decay = self.decay
+    if prev is not None and _quantization.is_quantized(old):
+      # One float32 copy alive at a time (_quantization.after).
+      old = _quantization.after(prev, old)
+    new_m = (1 - decay) * g32 + decay * leaves.load_one(i, old)
+    out = decay * new_m + (1 - decay) * g32 if self.nesterov else new_m
+    return out, new_m
 
-  def cycles(state):
-    """The step count, the cycle of this step, and whether it is new."""
-    count = optax.safe_increment(state.count)
-    if resample_every is None:
-      return count, state.cycle, None
-    # A saturated counter (2**31 - 1) no longer advances: the cycle, and with
-    # it the projection, then stays fixed and nothing is transferred.
-    k = jnp.asarray(resample_every, jnp.int32)
-    cycle = jnp.where(count > state.count, (count - 1) // k, state.cycle)
-    return count, cycle, cycle != state.cycle
+  def _step_leaves(self, leaves: Leaves, gs, ps, stored, sketches, rounding):
+    """Every leaf's update and stored new momentum, leaf after leaf."""
+    invs = self._gram_invs(leaves, ps, self.residual)
+    outs, new_mu, prev = [], [], None
+    for i, (item, g, p, sh, inv) in enumerate(zip(
+        leaves.items, gs, ps, leaves.shardings, invs)):
+      g32 = g.astype(item.dtype)
+      if p is None:
+        out, new_m = self._dense(leaves, i, g32, stored[i], prev)
+      else:
+        s = item.plan.compress(g32, p, sh)
+        new_m = (1 - self.decay) * s + self.decay * sketches[i]
+        out = self._output(item.plan, g32, s, new_m, p, sh, inv)
+      outs.append(out.astype(g.dtype))
+      new_mu.append(leaves.store_one(i, new_m, self.acc_dtype, rounding))
+      if _quantization.is_quantized(new_mu[-1]):
+        prev = new_mu[-1]
+    return outs, new_mu
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update(self, updates, state, params=None, **extra_args):
     del extra_args
-    leaves = _leaves.Leaves.of(projector, updates, quantizer=quantizer)
+    leaves = Leaves.of(self.projector, updates, quantizer=self.quantizer)
     # Trace-time checks: a mismatched tree would broadcast silently.
     leaves.check_state(state.mu, 'momentum state', params)
     del params
-    count, cycle, new_cycle = cycles(state)
-    cycle_key = lambda c: _keys.cycle_key(  # noqa: E731
-        state.key, c, 'momentum', impl=typed_key)
+    count, cycle, new_cycle = self._cycles(state)
     gs = leaves.flatten(updates)
     stored = leaves.flatten(state.mu)
-    ps = leaves.draw(cycle_key(cycle))
+    ps = leaves.draw(self._key(state.key, cycle))
     # The sketches of compressed leaves, loaded here when a new cycle may
     # transfer them; dense leaves are loaded one at a time below.
     sketches = {i: leaves.load_one(i, stored[i])
                 for i, p in enumerate(ps) if p is not None}
-
     if new_cycle is not None and sketches:
-
-      def transfer_all(ms):
-        # The old projections are only drawn on the first step of a cycle.
-        olds = leaves.draw(cycle_key(state.cycle))
-        invs = gram_invs(leaves, olds, projected_state and transfer != 'reset')
-        return {i: carry(leaves.plans[i], m, olds[i], ps[i],
-                         leaves.shardings[i], invs[i])
-                for i, m in ms.items()}
-
-      sketches = jax.lax.cond(new_cycle, transfer_all, lambda ms: ms,
-                              sketches)
-
+      sketches = jax.lax.cond(
+          new_cycle, functools.partial(self._transferred, leaves, ps,
+                                       state.key, state.cycle),
+          lambda ms: ms, sketches)
     rounding = None
-    if quantizer is not None and quantizer.stochastic_rounding:
-      rounding = _keys.cycle_key(state.key, count, 'momentum_rounding',
-                                 impl=typed_key)
-    invs = gram_invs(leaves, ps, residual)
-    outs, new_mu, prev = [], [], None
-    for i, (plan, dt, g, p, sh, inv) in enumerate(zip(
-        leaves.plans, leaves.dtypes, gs, ps, leaves.shardings, invs)):
-      g32 = g.astype(dt)
-      if p is None:  # dense: an exact EMA
-        old = stored[i]
-        if prev is not None and _quantization.is_quantized(old):
-          # One float32 copy alive at a time (_quantization.after).
-          old = _quantization.after(prev, old)
-        new_m = (1 - decay) * g32 + decay * leaves.load_one(i, old)
-        out = decay * new_m + (1 - decay) * g32 if nesterov else new_m
-      else:
-        s = plan.compress(g32, p, sh)
-        new_m = (1 - decay) * s + decay * sketches[i]
-        out = output(plan, g32, s, new_m, p, sh, inv)
-      outs.append(out.astype(g.dtype))
-      new_mu.append(leaves.store_one(i, new_m, acc_dtype, rounding))
-      if _quantization.is_quantized(new_mu[-1]):
-        prev = new_mu[-1]
+    if self.quantizer is not None and self.quantizer.stochastic_rounding:
+      rounding = self._key(state.key, count, 'momentum_rounding')
+    outs, new_mu = self._step_leaves(leaves, gs, ps, stored, sketches,
+                                     rounding)
     return leaves.unflatten(outs), CompressedMomentumState(
         count=count, cycle=cycle, key=state.key, mu=leaves.unflatten(new_mu))
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
