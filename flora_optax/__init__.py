@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """flora_optax: memory-cheap optimizer states for Optax.
 
 Two compressors that compose: Flora's random projection (Hao, Cao and Mou,

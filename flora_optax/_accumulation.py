@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """Flora compressed gradient accumulation (paper Algorithm 1).
 
 Two forms of the same computation:

@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """Adam and AdamW with both moments in block-wise 8- or 4-bit codes."""
 
 from __future__ import annotations

@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """The ``flora`` optimizer: Adafactor whose momentum is Flora-compressed."""
 
 from __future__ import annotations

@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """Argument and tree validation: every rule once, with one message each.
 
 Public constructors call the argument checks when they are built, so a bad

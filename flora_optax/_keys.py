@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """PRNG keys: how a user's key becomes the projections of every leaf and cycle.
 
 Only raw ``uint32`` key data is ever stored in an optimizer state (typed keys

@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """The per-leaf engine that every transformation of flora_optax runs on.
 
 :func:`compressed_momentum`, :class:`MultiSteps`, :func:`accumulate_gradients`

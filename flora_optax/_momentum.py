@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """Flora compressed momentum (paper Algorithm 2) as an optax transformation."""
 
 from __future__ import annotations

@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """Flax NNX: the metadata of optimizer-state leaves built from ``Variable``s.
 
 ``nnx.Optimizer`` initialises the state from ``nnx.Variable`` params, so a

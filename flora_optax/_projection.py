@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """Random projections regenerated from keys: the building block of Flora.
 
 A leaf ``G`` is viewed as a matrix, or a batch of matrices, ``(..., n, m)``.

@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """The :class:`Projector`: Flora's random projections applied to pytrees."""
 
 from __future__ import annotations

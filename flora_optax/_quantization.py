@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """Block-wise quantization of optimizer states: the second compressor.
 
 A state array ``x`` of shape ``(..., m)`` is stored as codes and one float32

@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """Shardings of optimizer states, derived from the shardings of the params.
 
 Under SPMD (``jax.jit`` with ``NamedSharding``), a Flora sketch keeps the mesh

@@ -1,3 +1,6 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
 """The types of flora_optax's arguments, in one place for every module."""
 
 from __future__ import annotations
