@@ -415,3 +415,16 @@ def test_leaves_chained_one_at_a_time_give_the_same_bits(make, monkeypatch):
   text = jax.jit(tx.update).lower(params, tx.init(params), params).as_text()
   assert text.count('is_finite') >= 2  # the chain is in the program
   chex.assert_trees_all_equal(_run(tx, params, 3), ref)
+
+
+def test_x64_keeps_float32_leaves_float32():
+  with jax.enable_x64(True):
+    tx = flora_optax.scale_by_adam(bits=4, min_quantized_size=0)
+    params = {'w': jnp.ones((8, 32), jnp.float32),
+              'd': jnp.ones((8, 32), jnp.float64)}
+    u, state = jax.jit(tx.update)(params, tx.init(params))
+    assert u['w'].dtype == jnp.float32 and u['d'].dtype == jnp.float64
+    assert state.mu['d'].scales.dtype == jnp.float32
+    # A constant gradient's first Adam step is 1 (m̂ / sqrt(v̂)), to the
+    # codes' precision.
+    np.testing.assert_allclose(u['d'], 1.0, rtol=0.02)
