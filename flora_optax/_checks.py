@@ -120,28 +120,28 @@ def check_min_dim_size_to_factor(value: Any) -> int:
   return int(value)
 
 
+def _check_real(value: Any, name: str, what: str,
+                ok: Callable[[float], bool]) -> None:
+  """A real scalar ``what`` (e.g. ``'in [0, 1)'``); ``ok`` checks its range
+  when it is concrete."""
+  if isinstance(value, bool) or not isinstance(
+      value, (int, float, np.number, jax.Array, np.ndarray)):
+    raise TypeError(f'`{name}` must be a float {what}, got {value!r}.')
+  if np.ndim(value) != 0:
+    raise ValueError(f'`{name}` must be a scalar {what}, got shape '
+                     f'{np.shape(value)}.')
+  if is_concrete(value) and not ok(float(value)):
+    raise ValueError(f'`{name}` must be {what}, got {float(value)}.')
+
+
 def check_decay(decay: Any, name: str = 'decay') -> None:
   """A scalar in ``[0, 1)`` (its range checked when it is concrete)."""
-  if isinstance(decay, bool) or not isinstance(
-      decay, (int, float, np.number, jax.Array, np.ndarray)):
-    raise TypeError(f'`{name}` must be a float in [0, 1), got {decay!r}.')
-  if np.ndim(decay) != 0:
-    raise ValueError(f'`{name}` must be a scalar in [0, 1), got shape '
-                     f'{np.shape(decay)}.')
-  if is_concrete(decay) and not 0.0 <= float(decay) < 1.0:
-    raise ValueError(f'`{name}` must be in [0, 1), got {float(decay)}.')
+  _check_real(decay, name, 'in [0, 1)', lambda x: 0.0 <= x < 1.0)
 
 
 def check_nonnegative(value: Any, name: str) -> None:
   """A real scalar ``>= 0`` (its range checked when it is concrete)."""
-  if isinstance(value, bool) or not isinstance(
-      value, (int, float, np.number, jax.Array, np.ndarray)):
-    raise TypeError(f'`{name}` must be a float >= 0, got {value!r}.')
-  if np.ndim(value) != 0:
-    raise ValueError(f'`{name}` must be a scalar >= 0, got shape '
-                     f'{np.shape(value)}.')
-  if is_concrete(value) and not float(value) >= 0.0:
-    raise ValueError(f'`{name}` must be >= 0, got {float(value)}.')
+  _check_real(value, name, '>= 0', lambda x: x >= 0.0)
 
 
 def check_resample_every(value: Any, name: str = 'resample_every') -> None:

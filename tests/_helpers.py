@@ -174,3 +174,17 @@ def nnx_model():
           nnx.Linear(6, 10, rngs=nnx.Rngs(i)) for i in range(2)])
 
   return nnx, Model()
+
+
+# --- quantized states ------------------------------------------------------------
+
+
+def blocks_absmax(x, block):
+  """Each entry's block absmax (blocks of ``block`` along the last axis), as
+  an array shaped like ``x``."""
+  x = np.asarray(x)
+  m = x.shape[-1]
+  nb = -(-m // block)
+  pad = np.pad(np.abs(x), [(0, 0)] * (x.ndim - 1) + [(0, nb * block - m)])
+  amax = pad.reshape(*x.shape[:-1], nb, block).max(-1)
+  return np.repeat(amax, block, axis=-1)[..., :m]

@@ -91,14 +91,6 @@ def _m_bound(q, u):
   return 0.5 / q.levels
 
 
-def _absmax(x, block):
-  m = x.shape[-1]
-  nb = -(-m // block)
-  pad = np.pad(np.abs(x), [(0, 0)] * (x.ndim - 1) + [(0, nb * block - m)])
-  amax = pad.reshape(*x.shape[:-1], nb, block).max(-1)
-  return np.repeat(amax, block, axis=-1)[..., :m]
-
-
 @pytest.mark.parametrize('bits', BITS)
 @pytest.mark.parametrize('code_map', NU_MAPS)
 def test_unsigned_round_trip_within_bound_and_never_zero(bits, code_map):
@@ -110,7 +102,7 @@ def test_unsigned_round_trip_within_bound_and_never_zero(bits, code_map):
   enc = q.encode(jnp.asarray(x))
   assert enc.codes.dtype == jnp.uint8
   dec = np.asarray(q.decode(enc, x.shape))
-  amax = _absmax(x, 32)
+  amax = _helpers.blocks_absmax(x, 32)
   bound = _nu_bound(q, x / amax) * amax
   # (float32 arithmetic: up to 1e-6 of the block's absmax more)
   assert np.all(np.abs(dec - x) <= bound + 1e-6 * amax)
@@ -173,7 +165,7 @@ def test_quantized_moments_track_exact_adam_within_their_bounds(bits, nu_map):
     # The stored moments are those moments within their maps' bounds.
     for q, new, stored, bound in ((mq, m_new, state.mu, _m_bound),
                                   (nq, v_new, state.nu, _nu_bound)):
-      amax = _absmax(new, block)
+      amax = _helpers.blocks_absmax(new, block)
       dec = np.asarray(q.decode(stored['w'], shape))
       # (float32 arithmetic: up to 1e-6 of the block's absmax more)
       assert np.all(np.abs(dec - new) <=
@@ -181,7 +173,8 @@ def test_quantized_moments_track_exact_adam_within_their_bounds(bits, nu_map):
     # The drift from exact Adam is bounded by the decayed sum of the bounds.
     m_ref = (1 - b1) * g + b1 * m_ref
     v_ref = (1 - b2) * g * g + b2 * v_ref
-    m_amax, v_amax = _absmax(m_new, block), _absmax(v_new, block)
+    m_amax = _helpers.blocks_absmax(m_new, block)
+    v_amax = _helpers.blocks_absmax(v_new, block)
     m_err = b1 * m_err + (_m_bound(mq, None) + 1e-6) * m_amax
     v_err = b2 * v_err + (_nu_bound(nq, v_new / v_amax) + 1e-6) * v_amax
     m_dec = np.asarray(mq.decode(state.mu['w'], shape))

@@ -12,6 +12,7 @@ accumulation forms agree bit for bit, one trace, checkpoints, dtypes,
 
 import math
 
+import _helpers
 import chex
 import jax
 import jax.numpy as jnp
@@ -41,14 +42,6 @@ def _bound(q, u):
   return (y + 0.25) / L**2
 
 
-def _blocks_absmax(x, block):
-  m = x.shape[-1]
-  nb = -(-m // block)
-  pad = np.pad(np.abs(x), [(0, 0)] * (x.ndim - 1) + [(0, nb * block - m)])
-  amax = pad.reshape(*x.shape[:-1], nb, block).max(-1)
-  return np.repeat(amax, block, axis=-1)[..., :m]
-
-
 # --- the codec ----------------------------------------------------------------
 
 
@@ -63,7 +56,7 @@ def test_round_trip_error_within_the_maps_bound(bits, code_map, shape):
   assert enc.codes.shape == q.shapes(shape)[0]
   assert enc.scales.shape == q.shapes(shape)[1]
   err = np.abs(np.asarray(q.decode(enc, shape)) - x)
-  amax = _blocks_absmax(x, q._block(shape[-1]))  # pylint: disable=protected-access
+  amax = _helpers.blocks_absmax(x, q._block(shape[-1]))  # pylint: disable=protected-access
   bound = _bound(q, np.abs(x) / amax) * amax
   assert np.all(err <= bound * (1 + 1e-5) + 1e-30)
   # The bound is tight: the worst entry uses a good part of it.
