@@ -197,6 +197,10 @@ def experiments(s: Setting) -> dict[str, list[Run]]:
       Run(f'LoRA (r={r}) + optax.MultiSteps',
           dataclasses.replace(acc, name='lora', accumulator='optax'),
           micro, many),
+      # The other compressor: every direction kept, in 8-bit codes.
+      Run('flora_optax.MultiSteps (rank=None, bits=8)',
+          dataclasses.replace(acc, accumulator='flora', accumulation_rank=None,
+                              accumulation_bits=8), micro, many),
   ]
   mom = dataclasses.replace(base, momentum=0.9)
   momentum = [
@@ -215,6 +219,21 @@ def experiments(s: Setting) -> dict[str, list[Run]]:
       Run(f'flora (r={r}), paper mode never resampled',
           dataclasses.replace(mom, name='flora_frozen'), s.batch_size,
           s.updates),
+      # Quantized states (the other compressor, and both composed), and
+      # AdamW with its moments in codes, at the same learning rate.
+      Run('momentum in 8-bit codes (rank=None, bits=8)',
+          dataclasses.replace(mom, name='flora8'), s.batch_size, s.updates),
+      Run('momentum in 4-bit codes (rank=None, bits=4)',
+          dataclasses.replace(mom, name='flora4'), s.batch_size, s.updates),
+      Run(f'flora (r={r}), sketch in 8-bit codes',
+          dataclasses.replace(mom, name='flora_sketch8'), s.batch_size,
+          s.updates),
+      Run('optax.adamw', dataclasses.replace(mom, name='adamw'), s.batch_size,
+          s.updates),
+      Run('flora_optax.adamw(bits=8)', dataclasses.replace(mom, name='adamw8'),
+          s.batch_size, s.updates),
+      Run('flora_optax.adamw(bits=4)', dataclasses.replace(mom, name='adamw4'),
+          s.batch_size, s.updates),
   ]
   # Resampling interval: the residual default at every κ, and the paper
   # mode's failure at a small κ (its unbiased transfer grows the momentum)

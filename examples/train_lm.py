@@ -41,7 +41,8 @@ from examples.memory import mib, peak_bytes, tree_bytes
 from examples.model import ModelConfig, init_model, make_loss_fn
 
 OPTIMIZERS = ('flora', 'adafactor', 'adafactor_nomomentum', 'flora_paper',
-              'flora_frozen', 'lora', 'flora8', 'adamw', 'adamw8', 'adamw4')
+              'flora_frozen', 'lora', 'flora8', 'flora4', 'flora_sketch8',
+              'adamw', 'adamw8', 'adamw4')
 # Run outputs go to an untracked directory (/runs/ is in .gitignore); the
 # reference results in examples/results/train_lm are regenerated only on
 # purpose, with --out examples/results/train_lm.
@@ -63,7 +64,8 @@ class OptConfig:
   rank: int = 16  # Flora momentum rank, and LoRA rank
   resample_every: int | None = 100
   accumulate: int = 1
-  accumulation_rank: int = 8
+  accumulation_rank: int | None = 8  # None: an accumulator in every direction
+  accumulation_bits: int | None = None  # flora's accumulator in 8/4-bit codes
   accumulator: str | None = None  # 'flora', 'optax'; None: by optimizer name
   momentum: float | None = 0.9
   min_dim_size_to_factor: int = 128  # Adafactor's; lower it for tiny models
@@ -92,8 +94,10 @@ def make_optimizer(oc: OptConfig) -> optax.GradientTransformation:
   - ``adafactor``: uncompressed momentum (``optax.adafactor(momentum=...)``);
   - ``adafactor_nomomentum``: no momentum;
   - ``lora``: uncompressed momentum, used on a model with LoRA adapters;
-  - ``flora8``: the momentum in 8-bit codes in every direction
-    (``flora(rank=None, bits=8)``).
+  - ``flora8`` / ``flora4``: the momentum in 8- or 4-bit codes in every
+    direction (``flora(rank=None, bits=8)``);
+  - ``flora_sketch8``: Flora's residual momentum of rank ``oc.rank`` with its
+    sketch in 8-bit codes (``flora(rank, bits=8)``).
 
   ``adamw``: ``optax.adamw`` on the same schedule; ``adamw8`` / ``adamw4``:
   ``flora_optax.adamw(bits=8 / 4)``, both moments in 8- or 4-bit codes.
@@ -112,8 +116,13 @@ def make_optimizer(oc: OptConfig) -> optax.GradientTransformation:
   if oc.name.startswith('adamw'):
     bits = {'adamw': None, 'adamw8': 8, 'adamw4': 4}[oc.name]
     tx = flora_optax.adamw(lr, b1=oc.momentum or 0.0, bits=bits, key=oc.seed)
-  elif oc.name == 'flora8':
-    tx = flora_optax.flora(lr, None, momentum=oc.momentum, bits=8, **common)
+  elif oc.name in ('flora8', 'flora4'):
+    tx = flora_optax.flora(lr, None, momentum=oc.momentum,
+                           bits=int(oc.name[-1]), key=oc.seed, **common)
+  elif oc.name == 'flora_sketch8':
+    tx = flora_optax.flora(lr, oc.rank, momentum=oc.momentum, key=oc.seed,
+                           resample_every=oc.resample_every,
+                           transfer=oc.transfer, bits=8, **common)
   elif oc.name in ('flora', 'flora_paper', 'flora_frozen'):
     tx = flora_optax.flora(
         lr, oc.rank, momentum=oc.momentum, key=oc.seed,
@@ -141,8 +150,9 @@ def accumulate(tx: optax.GradientTransformation,
     raise ValueError("`accumulator` must be 'flora', 'optax' or None, got "
                      f'{oc.accumulator!r}.')
   if kind == 'flora':
-    return flora_optax.MultiSteps(tx, oc.accumulate, rank=oc.accumulation_rank,
-                                  key=oc.seed + 1).gradient_transformation()
+    return flora_optax.MultiSteps(
+        tx, oc.accumulate, rank=oc.accumulation_rank, key=oc.seed + 1,
+        bits=oc.accumulation_bits).gradient_transformation()
   return optax.MultiSteps(tx, oc.accumulate).gradient_transformation()
 
 

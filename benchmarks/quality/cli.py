@@ -19,13 +19,14 @@ import optax
 import flora_optax
 from benchmarks import common
 from benchmarks.quality import per_byte
-from benchmarks.quality.report import markdown, plot, targets
+from benchmarks.quality.report import (markdown, plot, quantized_targets,
+                                       targets)
 from benchmarks.quality.settings import (ACCUMULATE, ADAFACTOR, LR_FACTORS,
                                          MAX_HANGS, MOMENTUM, NAME,
                                          NOISE_MULT, RATIOS,
                                          RESAMPLE_FRACTION)
-from benchmarks.quality.tasks import TASK_CHOICE, TASKS, Task
-from benchmarks.quality.training import run_row
+from benchmarks.quality.tasks import CACHED, TASK_CHOICE, TASKS, Task
+from benchmarks.quality.training import count_params, run_row
 from benchmarks.quality.variants import (Variant, is_default,
                                          library_defaults, runnable,
                                          variants)
@@ -45,12 +46,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help='tiny sizes: a smoke run (no meaningful figures)')
   p.add_argument('--tasks', help=f'comma-separated, from {",".join(TASKS)}')
   p.add_argument('--variants', help='comma-separated, from '
-                 f'{",".join(runnable())} or default (the library\'s)')
-  p.add_argument('--ratios', help='comma-separated d/r (default 2,4,8; on '
-                 'the LM the non-default residual variants at 4 only, unless '
-                 '--all-ratios)')
+                 f'{",".join(runnable())} or default (the library\'s); '
+                 'default: every row but the ablations')
+  p.add_argument('--ablations', action='store_true',
+                 help='the ablation rows too (those that settled a default: '
+                 'code maps, block sizes, rounding, momentum positions)')
+  p.add_argument('--ratios', help='comma-separated d/r (default: each '
+                 'task\'s, 2,4,8 on the small tasks and the LM, 4 on '
+                 'lm_deep and finetune; ablations at 4 on the LM)')
   p.add_argument('--all-ratios', action='store_true',
-                 help='every Flora variant at every ratio on the LM too')
+                 help=f'every ranked row at every d/r of {RATIOS}')
+  p.add_argument('--cache', default=None, metavar='DIR',
+                 help='where the fine-tuning task\'s pretrained model is '
+                 'cached (default runs/quality_cache)')
   p.add_argument('--seeds', help='comma-separated seeds (default 0,1,2)')
   p.add_argument('--lrs', help='comma-separated factors of each task\'s grid '
                  f'centre (default {",".join(map(str, LR_FACTORS))})')
@@ -77,8 +85,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   # --quick: a small subset that runs in well under a minute.
   quick = QUICK if args.quick else {}
   args.tasks = _csv(args.tasks) or quick.get('tasks', list(TASKS))
-  args.variants = _csv(args.variants) or quick.get('variants',
-                                                    list(runnable()))
+  args.variants = _csv(args.variants) or quick.get('variants', [
+      n for n, v in runnable().items() if args.ablations or not v.ablation])
   args.seeds = _csv(args.seeds, int) or quick.get('seeds', [0, 1, 2])
   args.lrs = _csv(args.lrs, float) or list(LR_FACTORS)
   args.ratios = _csv(args.ratios, int) or quick.get('ratios')
@@ -100,11 +108,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-# --quick: the baselines, the library's default Flora ('default'), LoRA and
-# compressed accumulation (LM only), at d/r = 4, two seeds, no grid extension.
-QUICK = dict(tasks=['lm', 'regression'], seeds=[0, 1], ratios=[4],
+# --quick: the baselines, the library's default Flora ('default'), LoRA,
+# compressed accumulation (language models from scratch only) and GaLore, at
+# d/r = 4, two seeds, no grid extension.
+QUICK = dict(tasks=['lm', 'finetune', 'regression'], seeds=[0, 1], ratios=[4],
              variants=['adafactor', 'adafactor_nomomentum', 'default', 'lora',
-                       'multisteps_flora'])
+                       'multisteps_flora', 'galore'])
 
 
 def _write(out: str, old: dict[str, Any], new_rows: list[dict[str, Any]],
@@ -121,6 +130,11 @@ def _write(out: str, old: dict[str, Any], new_rows: list[dict[str, Any]],
                            order.get(r['optimizer'], len(order)),
                            r['ratio'] or 0))
   tasks = {t: tasks[t] for t in TASKS if t in tasks}
+  for name, meta in tasks.items():  # results recorded before the bytes axis
+    if 'params' not in meta:
+      meta['params'] = count_params(TASKS[name](args.quick))
+  for r in rows:
+    r['bytes_per_param'] = r['state_bytes'] / tasks[r['task']]['params']
   meta = dict(
       jax=jax.__version__, optax=optax.__version__,
       flora_optax=flora_optax.__version__,
@@ -135,7 +149,8 @@ def _write(out: str, old: dict[str, Any], new_rows: list[dict[str, Any]],
       jaxlib=importlib.metadata.version('jaxlib'),
       seconds=old['meta'].get('seconds', 0.0) + seconds)
   payload = dict(meta=meta, tasks=tasks, rows=rows,
-                 targets=targets(rows, args.default))
+                 targets=targets(rows, args.default),
+                 quantized_targets=quantized_targets(rows))
   # write_results joins its name onto results/; an absolute name is kept as
   # it is (os.path.join), which sends the files to `out`.
   paths = list(common.write_results(
@@ -156,10 +171,11 @@ def _ratios(task: Task, v: Variant, args: argparse.Namespace
     return [None]
   if args.ratios:
     return args.ratios
-  if (task.name == 'lm' and v.flora and v.flora['residual'] and
-      v.name != args.default and not args.all_ratios):
-    return [4]  # the LM is the costly task
-  return list(RATIOS)
+  if args.all_ratios:
+    return list(RATIOS)
+  if task.language and v.ablation:
+    return [4]  # the language models are the costly tasks
+  return list(task.ratios)
 
 
 def _work(task: Task, args: argparse.Namespace
@@ -168,7 +184,7 @@ def _work(task: Task, args: argparse.Namespace
   that a run cut short has it."""
   vs = variants()
   work = [(vs[name], ratio) for name in args.variants
-          if not (vs[name].lm_only and task.name != 'lm')
+          if task.accumulation or vs[name].accumulate == 1
           for ratio in _ratios(task, vs[name], args)]
   work.sort(key=lambda w: w[1] not in (None, 4))
   return work
@@ -205,15 +221,17 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
   new_rows, task_meta = [], {}
   t0 = time.perf_counter()
   for task_name in ([] if args.report_only else args.tasks):
-    task = TASKS[task_name](args.quick)
+    task = TASKS[task_name](args.quick, **(
+        {'cache_dir': args.cache} if task_name in CACHED else {}))
     kappa = max(1, task.steps // RESAMPLE_FRACTION)
     print(f'{task.name}: {task.description}')
     task_meta[task.name] = dict(description=task.description, lr=task.lr,
                                 resample_every=kappa, d=task.d,
-                                settings=task.settings)
+                                settings=task.settings,
+                                params=count_params(task))
     lrs = [task.lr * f for f in args.lrs]
     # The small tasks' programs take seconds: wait less for them.
-    watchdog = args.watchdog and (args.watchdog if task.name == 'lm' else
+    watchdog = args.watchdog and (args.watchdog if task.language else
                                   args.watchdog / 5)
     for v, ratio in _work(task, args):
       if _skip(task, v, ratio, args, out, done):

@@ -39,6 +39,11 @@ def _name(r: dict[str, Any]) -> str:
   return f"{label}, d/r = {r['ratio']}" if r['ratio'] else label
 
 
+def _per_param(r: dict[str, Any]) -> str:
+  b = r.get('bytes_per_param')
+  return f'{b:.2f}' if b is not None else '-'
+
+
 def budget_table(payload: dict[str, Any]) -> list[list[Any]]:
   """Per task, reference and budget: the best row within the budget."""
   table = []
@@ -57,29 +62,31 @@ def budget_table(payload: dict[str, Any]) -> list[list[Any]]:
             _name(best) if best else '–',
             f"{best['mean']:.4f} ± {best['std']:.4f}" if best else '–',
             f"{best['state_bytes'] / 1024:.1f}" if best else '–',
-            f"{ref['mean']:.4f}"])
+            _per_param(best) if best else '–', f"{ref['mean']:.4f}"])
   return table
 
 
 def markdown_section(payload: dict[str, Any]) -> list[str]:
   """The report's section: the Pareto front of each task, the budgets."""
   lines = ['## Quality per byte\n',
-           'Each row\'s final loss (best learning rate, mean ± std) against its '
-           'optimizer state for the task\'s model. The Pareto front: the rows '
-           'that no other row beats with fewer or equal bytes.\n']
+           'Each row\'s final loss (best learning rate, mean ± std) against '
+           'its optimizer state for the task\'s model, and those bytes per '
+           'parameter of the model (LoRA\'s too: per parameter of the model '
+           'it fine-tunes). The Pareto front: the rows that no other row '
+           'beats with fewer or equal bytes.\n']
   for task in payload['tasks']:
     front = pareto(_rows(payload, task))
     if front:
       lines.append(f'**{task}**\n')
       lines.append(common.markdown_table(
-          ['state KiB', 'final loss', 'row'],
-          [[f"{r['state_bytes'] / 1024:.1f}",
+          ['state KiB', 'B/param', 'final loss', 'row'],
+          [[f"{r['state_bytes'] / 1024:.1f}", _per_param(r),
             f"{r['mean']:.4f} ± {r['std']:.4f}", _name(r)] for r in front]))
   table = budget_table(payload)
   if table:
     lines.append('**Best measured row within a budget of state bytes**\n')
     lines.append(common.markdown_table(
-        ['task', 'budget', 'best row', 'final loss', 'state KiB',
+        ['task', 'budget', 'best row', 'final loss', 'state KiB', 'B/param',
          'reference loss'], table))
   return lines
 
@@ -101,6 +108,7 @@ def plot(payload: dict[str, Any], path: str) -> None:
   for ax, task in zip(axes.flat, tasks):
     rows = _rows(payload, task)
     families = {'adamw': 'tab:purple', 'flora': 'tab:blue',
+                'galore': 'tab:brown',
                 'momentum': 'tab:green', 'adafactor': 'k', 'lora': 'tab:orange'}
     for r in rows:
       color = next((c for k, c in families.items()

@@ -10,9 +10,11 @@ import numpy as np
 from benchmarks import common
 from benchmarks.quality import per_byte
 from benchmarks.quality.watchdog import row_key
-from benchmarks.quality.settings import (ACCUMULATE, ADAFACTOR, MAX_HANGS,
+from benchmarks.quality.settings import (ACCUMULATE, ADAFACTOR,
+                                         BENEFIT_TARGETS, MAX_HANGS,
                                          MOMENTUM, NOISE_MULT, RATIOS,
-                                         TARGET_GAP_CLOSED)
+                                         TARGET_GAP_CLOSED,
+                                         WITHIN_NOISE_TARGETS)
 from benchmarks.quality.variants import variants
 
 
@@ -60,6 +62,46 @@ def targets(rows: list[dict[str, Any]], default: str | None,
   return out
 
 
+def quantized_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The quantized states' targets, per task.
+
+  ``BENEFIT_TARGETS``: where momentum clearly helps, the row keeps at least
+  the given fraction of its benefit, ``(L_nomom - L) / (L_nomom - L_mom)``;
+  where it does not, the row is within the noise of momentum (``|L - L_mom|
+  <= NOISE_MULT * noise``). ``WITHIN_NOISE_TARGETS``: the row is within the
+  noise of its float32 reference.
+  """
+  out = []
+  for task in dict.fromkeys(r['task'] for r in rows):
+    mom = _find(rows, task, 'adafactor')
+    nomom = _find(rows, task, 'adafactor_nomomentum')
+    if mom and nomom:
+      gap = nomom['mean'] - mom['mean']
+      helps = gap > NOISE_MULT * noise(mom, nomom)
+      for name, fraction in BENEFIT_TARGETS:
+        r = _find(rows, task, name)
+        if r is None:
+          continue
+        kept = (nomom['mean'] - r['mean']) / gap if gap else math.nan
+        diff = r['mean'] - mom['mean']
+        out.append(dict(
+            task=task, optimizer=name, reference='adafactor',
+            kind='benefit' if helps else 'within noise', target=fraction,
+            value=kept if helps else diff, noise=noise(r, mom),
+            met=(kept >= fraction if helps else
+                 abs(diff) <= NOISE_MULT * noise(r, mom))))
+    for name, ref_name in WITHIN_NOISE_TARGETS:
+      r, ref = _find(rows, task, name), _find(rows, task, ref_name)
+      if r is None or ref is None:
+        continue
+      diff = r['mean'] - ref['mean']
+      out.append(dict(task=task, optimizer=name, reference=ref_name,
+                      kind='within noise', target=None, value=diff,
+                      noise=noise(r, ref),
+                      met=abs(diff) <= NOISE_MULT * noise(r, ref)))
+  return out
+
+
 def _fmt(r: dict[str, Any] | None) -> str:
   return '-' if r is None else f"{r['mean']:.4f} ± {r['std']:.4f}"
 
@@ -68,7 +110,7 @@ def markdown(payload: dict[str, Any]) -> str:
   """The report: how tasks were chosen, per-task tables, targets."""
   lines = (_intro(payload) + _task_tables(payload) + _summary(payload) +
            per_byte.markdown_section(payload) + _targets_section(payload) +
-           _footer(payload))
+           _quantized_targets_section(payload) + _footer(payload))
   return '\n'.join(lines)
 
 
@@ -127,11 +169,18 @@ def _task_tables(payload: dict[str, Any]) -> list[str]:
       table.append([(v.label if v else r['optimizer']) + mark,
                     r['ratio'] or '-', r['rank'] or '-',
                     f"{r['best_lr']:g}", _fmt(r), per_seed, grid,
-                    f"{r['state_bytes'] / 1024:.1f}", f"{r['seconds']:.0f}"])
+                    f"{r['state_bytes'] / 1024:.1f}", _per_param(r, payload),
+                    f"{r['seconds']:.0f}"])
     lines.append(common.markdown_table(
         ['optimizer', 'd/r', 'rank', 'best lr', 'final loss', 'per seed',
-         'lr grid', 'state KiB', 's'], table))
+         'lr grid', 'state KiB', 'B/param', 's'], table))
   return lines
+
+
+def _per_param(r: dict[str, Any], payload: dict[str, Any]) -> str:
+  """State bytes per parameter of the task's (full) model."""
+  n = payload['tasks'].get(r['task'], {}).get('params')
+  return f"{r['state_bytes'] / n:.2f}" if n else '-'
 
 
 def _summary(payload: dict[str, Any]) -> list[str]:
@@ -186,6 +235,29 @@ def _targets_section(payload: dict[str, Any]) -> list[str]:
        'flora - nomom', 'not worse than nomom', 'gap closed',
        '>= 70% closed'], table))
   return lines
+
+
+def _quantized_targets_section(payload: dict[str, Any]) -> list[str]:
+  """The quantized states' targets (:func:`quantized_targets`)."""
+  table = []
+  for t in quantized_targets(payload['rows']):
+    if t['kind'] == 'benefit':
+      what = f"keeps ≥ {t['target']:.0%} of momentum's benefit"
+      value = f"{t['value']:.0%}"
+    else:
+      what = f"within noise of `{t['reference']}`"
+      value = (f"{t['value']:+.3g} ({t['value'] / max(t['noise'], 1e-30):+.1f}"
+               ' noise)')
+    table.append([t['task'], f"`{t['optimizer']}`", what, value,
+                  'yes' if t['met'] else '**no**'])
+  if not table:
+    return []
+  return ['## Targets for the quantized states\n',
+          'Benefit kept = (L_nomom - L) / (L_nomom - L_mom), where momentum\'s '
+          'gap is clear; where it is not, the row should be within the noise '
+          f'of momentum (|ΔL| ≤ {NOISE_MULT:g} noise).\n',
+          common.markdown_table(['task', 'row', 'target', 'measured', 'met'],
+                                table)]
 
 
 def _footer(payload: dict[str, Any]) -> list[str]:

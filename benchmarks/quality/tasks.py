@@ -1,16 +1,23 @@
-"""The study's training problems: a byte-level GPT and three small tasks
-where momentum clearly pays (rotated ill-conditioning)."""
+"""The study's training problems: byte-level GPTs (trained from scratch, and
+fine-tuned from a cached pretrained model) and three small tasks where
+momentum clearly pays (rotated ill-conditioning)."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
+from benchmarks.quality.settings import ADAFACTOR, MOMENTUM, RATIOS
 from examples import data as data_lib
 from examples import model as model_lib
 
@@ -48,6 +55,11 @@ class Task:
     data: ``(seed, num_steps, batch) -> stream``, an array with a leading
       step axis, one micro-batch per step.
     settings: sizes, for the record.
+    ratios: the ``d/r`` at which its ranked rows run by default (the costly
+      tasks run fewer).
+    accumulation: whether the gradient-accumulation rows (``MultiSteps``)
+      run on it: the language models trained from scratch.
+    language: a language model (a costly task: waited for longer).
   """
 
   name: str
@@ -59,17 +71,22 @@ class Task:
   model: Callable[[int | None], Model]
   data: Callable[[int, int, int], Any]
   settings: dict[str, Any]
+  ratios: tuple[int, ...] = RATIOS
+  accumulation: bool = False
+  language: bool = False
 
 
 def lm_task(quick: bool, *, steps: int = 300, batch: int = 16,
-            seq_len: int = 32, layers: int = 1, lr: float = 0.0025) -> Task:
+            seq_len: int = 32, layers: int = 1, lr: float = 0.0025,
+            d_model: int = 128, name: str = 'lm',
+            ratios: tuple[int, ...] = RATIOS) -> Task:
   """A byte-level GPT (``examples/model.py``) on text shipped with Python."""
   if quick:
     mc = model_lib.ModelConfig(seq_len=16, d_model=32, num_layers=1,
                                num_heads=2)
     steps, batch, eval_batches = 12, 4, 2
   else:
-    mc = model_lib.ModelConfig(seq_len=seq_len, d_model=128,
+    mc = model_lib.ModelConfig(seq_len=seq_len, d_model=d_model,
                                num_layers=layers, num_heads=4)
     eval_batches = 16
   corpus = data_lib.load_corpus('all')
@@ -96,16 +113,163 @@ def lm_task(quick: bool, *, steps: int = 300, batch: int = 16,
     return np.stack([next(it) for _ in range(num_steps)])
 
   return Task(
-      name='lm',
+      name=name,
       description=(
-          f'byte-level GPT of examples/train_lm.py ({mc.num_layers} layer, '
-          f'd_model {mc.d_model}, context {mc.seq_len}) on the Python docs '
-          f'and stdlib sources; {steps} updates of {batch} sequences; final '
-          f'loss: held-out cross-entropy (nats/byte) on '
-          f'{eval_batches * 16} sequences.'),
+          f'byte-level GPT of examples/train_lm.py ({mc.num_layers} '
+          f'layer{"s" if mc.num_layers > 1 else ""}, d_model {mc.d_model}, '
+          f'context {mc.seq_len}) on the Python docs and stdlib sources; '
+          f'{steps} updates of {batch} sequences; final loss: held-out '
+          f'cross-entropy (nats/byte) on {eval_batches * 16} sequences.'),
       d=mc.d_model, steps=steps, batch=batch, lr=lr, model=model,
       data=data,
-      settings=dict(dataclasses.asdict(mc), steps=steps, batch=batch))
+      settings=dict(dataclasses.asdict(mc), steps=steps, batch=batch),
+      ratios=ratios, accumulation=True, language=True)
+
+
+def lm_deep_task(quick: bool) -> Task:
+  """The byte GPT, two layers and longer windows: momentum clearly pays."""
+  return lm_task(quick, **LM_DEEP, name='lm_deep', ratios=(4,))
+
+
+# The sizes of lm_deep: the cheapest setting tried in which Adafactor with
+# momentum beats Adafactor without it beyond the noise at their best lrs.
+LM_DEEP = dict(layers=2, steps=300, batch=16, seq_len=64, lr=0.005)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  """``{'a/b/0': leaf}`` of a nested dict (the models' pure dicts)."""
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _graft(tree: Any, values: dict[str, Any]) -> Any:
+  """``tree`` with every leaf whose path is in ``values`` replaced."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.asarray(values.get(
+          jax.tree_util.keystr(path, simple=True, separator='/'), leaf)),
+      tree)
+
+
+def pretrained(cfg: model_lib.ModelConfig, corpus: data_lib.Corpus,
+               steps: int, batch: int, lr: float, cache_dir: str,
+               seed: int = 0) -> dict[str, np.ndarray]:
+  """The byte GPT's parameters after ``steps`` updates on ``corpus``.
+
+  Trained once with ``optax.adafactor`` (momentum 0.9, the study's settings,
+  warmup-cosine) and cached in ``cache_dir`` under a name keyed by every
+  setting and the JAX/optax versions; later calls load the file.
+
+  Returns:
+    ``{path: array}`` of the trained parameters (see :func:`_flat`).
+  """
+  settings = dict(model=dataclasses.asdict(cfg), steps=steps, batch=batch,
+                  lr=lr, seed=seed, docs=len(corpus.train_docs),
+                  tokens=int(corpus.train.size), adafactor=ADAFACTOR,
+                  momentum=MOMENTUM, jax=jax.__version__,
+                  optax=optax.__version__)
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+  path = os.path.join(cache_dir, f'pretrained-{digest.hexdigest()[:16]}.npz')
+  if os.path.exists(path):
+    with np.load(path) as f:
+      return dict(f)
+  graphdef, params, (param_state, rest) = model_lib.init_model(cfg, seed)
+  loss = model_lib.make_loss_fn_with_rest(graphdef, param_state)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, lr, max(1, steps // 10), steps, end_value=lr / 10)
+  tx = optax.adafactor(schedule, momentum=MOMENTUM, **ADAFACTOR)
+
+  def step(carry, tokens):
+    params, state = carry
+    grads = jax.grad(loss)(params, rest, tokens)
+    updates, state = tx.update(grads, state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  it = corpus.batches('train', batch, cfg.seq_len, seed=seed)
+  stream = jnp.asarray(np.stack([next(it) for _ in range(steps)]))
+  (params, _), _ = jax.jit(lambda p: jax.lax.scan(
+      step, (p, tx.init(p)), stream))(params)
+  values = {k: np.asarray(v) for k, v in _flat(params).items()}
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp.npz'
+  np.savez(tmp, **values)
+  os.replace(tmp, path)  # atomic: a run that dies leaves no half a file
+  with open(path[:-4] + '.json', 'w') as f:
+    json.dump(settings, f, indent=1)
+  return values
+
+
+# Where the pretrained model is cached (an untracked directory).
+DEFAULT_CACHE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__)))), 'runs', 'quality_cache')
+
+
+def finetune_task(quick: bool, *, pretrain_steps: int = 600, steps: int = 200,
+                  batch: int = 16, seq_len: int = 32, layers: int = 1,
+                  lr: float = 0.0025, pretrain_lr: float = 0.005,
+                  cache_dir: str | None = None) -> Task:
+  """The byte GPT pretrained on the stdlib sources, fine-tuned on the docs.
+
+  The paper's own setting (Flora's experiments fine-tune): every row starts
+  from the same pretrained weights (:func:`pretrained`), LoRA's frozen base
+  included, and trains on the pydoc topics; the final loss is on held-out
+  topics.
+  """
+  if quick:
+    mc = model_lib.ModelConfig(seq_len=16, d_model=32, num_layers=1,
+                               num_heads=2)
+    pretrain_steps, steps, batch, eval_batches = 8, 12, 4, 2
+  else:
+    mc = model_lib.ModelConfig(seq_len=seq_len, d_model=128,
+                               num_layers=layers, num_heads=4)
+    eval_batches = 16
+  source = data_lib.load_corpus('stdlib')
+  target = data_lib.load_corpus('topics')
+  base = pretrained(mc, source, pretrain_steps, batch, pretrain_lr,
+                    cache_dir or DEFAULT_CACHE)
+  evals = jnp.asarray(np.stack(target.eval_batches(16, mc.seq_len,
+                                                   eval_batches)))
+
+  def model(lora_rank):
+    cfg = dataclasses.replace(mc, lora_rank=lora_rank)
+    graphdef, _, (param_state, _) = model_lib.init_model(cfg, 0)
+    loss = model_lib.make_loss_fn_with_rest(graphdef, param_state)
+
+    def init(seed):
+      # The seed draws LoRA's A; every pretrained weight (LoRA's frozen
+      # kernels too: same paths) is grafted in.
+      _, params, (_, rest) = model_lib.init_model(cfg, seed)
+      nnx.replace_by_pure_dict(rest, _graft(nnx.to_pure_dict(rest), base))
+      return _graft(params, base), rest
+
+    def evaluate(params, rest):
+      return jax.lax.map(lambda t: loss(params, rest, t), evals).mean()
+
+    return Model(init, loss, evaluate)
+
+  def data(seed, num_steps, batch):
+    it = target.batches('train', batch, mc.seq_len, seed=1000 + seed)
+    return np.stack([next(it) for _ in range(num_steps)])
+
+  full = jax.tree.map(np.asarray, model(None).init(0)[0])
+  before = float(model(None).evaluate(full, model(None).init(0)[1]))
+  return Task(
+      name='finetune',
+      description=(
+          f'fine-tuning: the byte GPT ({mc.num_layers} layer, d_model '
+          f'{mc.d_model}, context {mc.seq_len}) pretrained {pretrain_steps} '
+          f'updates of {batch} sequences on the stdlib sources (Adafactor, '
+          f'momentum {MOMENTUM}, lr {pretrain_lr:g}; cached), then '
+          f'{steps} updates of {batch} sequences on the pydoc topics; '
+          f'LoRA\'s frozen base is the pretrained weights; final loss: '
+          f'held-out topics cross-entropy (nats/byte) on {eval_batches * 16} '
+          f'sequences (before fine-tuning: {before:.4f}).'),
+      d=mc.d_model, steps=steps, batch=batch, lr=lr, model=model,
+      data=data,
+      settings=dict(dataclasses.asdict(mc), steps=steps, batch=batch,
+                    pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr,
+                    loss_before=before),
+      ratios=(4,), language=True)
 
 
 def _layer(params, frozen, name, x):
@@ -314,8 +478,11 @@ def autoencoder_task(quick: bool, *, steps: int = 400, batch: int = 16,
                     pca_loss=best))
 
 
-TASKS = {'lm': lm_task, 'regression': regression_task, 'mlp': mlp_task,
+TASKS = {'lm': lm_task, 'lm_deep': lm_deep_task, 'finetune': finetune_task,
+         'regression': regression_task, 'mlp': mlp_task,
          'autoencoder': autoencoder_task}
+# Those that take a cache directory (``--cache``).
+CACHED = ('finetune',)
 
 
 TASK_CHOICE = (

@@ -85,6 +85,13 @@ def train(task: Task, v: Variant, rank: int | None, lrs: Sequence[float],
               seconds=time.perf_counter() - t0, notes=notes)
 
 
+def count_params(task: Task) -> int:
+  """The parameters of the task's full model (LoRA's rows too are measured
+  per parameter of the model they fine-tune)."""
+  params, _ = task.model(None).init(0)
+  return sum(int(np.size(x)) for x in jax.tree.leaves(params))
+
+
 def _mean(losses: Sequence[float]) -> float:
   x = np.asarray(losses, np.float64)
   return float(x.mean()) if np.all(np.isfinite(x)) else math.inf

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import optax
+import optax.contrib
 
 import flora_optax
 from benchmarks.quality.settings import ACCUMULATE, ADAFACTOR, MOMENTUM
@@ -37,8 +38,11 @@ class Variant:
       (``flora_optax`` dropped its option), reported, not run.
     ranked: whether it depends on the rank (one row per ``d/r``).
     lora: trains the LoRA-reparametrised model.
-    accumulate: micro-batches per update (same examples per update).
-    lm_only: run on the language model only.
+    accumulate: micro-batches per update (same examples per update); rows
+      with ``accumulate > 1`` run on the tasks with ``Task.accumulation``.
+    ablation: a row that settled a default (a code map, a block size, a
+      rounding, a momentum position): run only when named (``--variants``,
+      ``--ablations``), so that the full run stays within its time.
     flora: the Flora momentum's options, ``residual``, ``momentum_position``
       (and ``subspace_scale`` in residual mode); ``None``: not a Flora
       momentum row.
@@ -50,7 +54,7 @@ class Variant:
   ranked: bool
   lora: bool = False
   accumulate: int = 1
-  lm_only: bool = False
+  ablation: bool = False
   flora: dict[str, Any] | None = None
 
 
@@ -206,6 +210,38 @@ def _multisteps_quantized(bits: int, **options: Any) -> MakeTx:
   return make
 
 
+def _shapes_from_updates(
+    tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` called with the updates as its ``params``.
+
+  GaLore's base optimizer gets no parameters (it works on the projected
+  gradients); ``scale_by_factored_rms`` reads only their shapes and dtypes,
+  which the projected updates have.
+  """
+  return optax.GradientTransformation(
+      tx.init, lambda updates, state, params=None: tx.update(
+          updates, state, updates))
+
+
+def _galore(adafactor: bool) -> MakeTx:
+  """``optax.contrib.galore`` at the row's rank, its projector refreshed
+  (an SVD of the gradient) every ``resample_every`` steps."""
+  def make(lr, rank, key, resample_every):
+    del key
+    base = None  # optax's default: scale_by_adam()
+    if adafactor:
+      # optax.adafactor without its learning rate and sign flip (galore
+      # applies the learning rate): a gradient-only transformation.
+      base = _shapes_from_updates(optax.chain(
+          optax.scale_by_factored_rms(
+              min_dim_size_to_factor=ADAFACTOR['min_dim_size_to_factor']),
+          optax.clip_by_block_rms(ADAFACTOR['clipping_threshold']),
+          optax.ema(MOMENTUM, debias=False)))
+    return optax.contrib.galore(lr, rank, update_proj_gap=resample_every,
+                                base_optimizer=base)
+  return make
+
+
 def _flora_rows() -> list[Variant]:
   """The Flora momentum rows: the paper's, and residual momentum with its
   subspace part scaled as ``Π_c M`` (``projection``) or ``decompress_c(M)``
@@ -222,7 +258,9 @@ def _flora_rows() -> list[Variant]:
           f'flora_residual_{scale}_{position}',
           f'Flora, residual, {scale} scale, {position} position',
           _flora(opts) if scale == 'projection' else None, ranked=True,
-          flora=opts))
+          flora=opts, ablation=(opts['residual'], position) != (
+              library_defaults()['residual'],
+              library_defaults()['momentum_position'])))
   return rows
 
 
@@ -237,11 +275,9 @@ def variants() -> dict[str, Variant]:
       Variant('lora', f'LoRA + Adafactor, momentum {MOMENTUM}',
               _adafactor(MOMENTUM), ranked=True, lora=True),
       Variant('multisteps_optax', f'optax.MultiSteps (K={ACCUMULATE})',
-              _multisteps(False), ranked=False, accumulate=ACCUMULATE,
-              lm_only=True),
+              _multisteps(False), ranked=False, accumulate=ACCUMULATE),
       Variant('multisteps_flora', f'flora_optax.MultiSteps (K={ACCUMULATE})',
-              _multisteps(True), ranked=True, accumulate=ACCUMULATE,
-              lm_only=True),
+              _multisteps(True), ranked=True, accumulate=ACCUMULATE),
       # Quantized states (issue 18): the same bytes spent on precision.
       Variant('adafactor_bf16', f'Adafactor, bf16 momentum {MOMENTUM}',
               _adafactor_bf16(), ranked=False),
@@ -253,18 +289,17 @@ def variants() -> dict[str, Variant]:
               _quantized(8, True), ranked=True),
       Variant('multisteps_8bit',
               f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits=8)',
-              _multisteps_quantized(8), ranked=False, accumulate=ACCUMULATE,
-              lm_only=True),
+              _multisteps_quantized(8), ranked=False, accumulate=ACCUMULATE),
       Variant('multisteps_4bit',
               f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits=4)',
-              _multisteps_quantized(4), ranked=False, accumulate=ACCUMULATE,
-              lm_only=True),
+              _multisteps_quantized(4), ranked=False, accumulate=ACCUMULATE),
   ]
   rows += [
       # AdamW with quantized moments (issue 20), next to optax's own.
       Variant('adamw', 'optax.adamw', _adamw(), ranked=False),
       Variant('adamw_bf16', 'optax.adamw(mu_dtype=bf16)',
-              _adamw(mu_dtype=jnp.bfloat16), ranked=False),
+              _adamw(mu_dtype=jnp.bfloat16),
+              ranked=False, ablation=True),
       Variant('adamw_8bit', 'flora_optax.adamw(bits=8)', _adamw(bits=8),
               ranked=False),
       Variant('adamw_4bit', 'flora_optax.adamw(bits=4)', _adamw(bits=4),
@@ -272,21 +307,25 @@ def variants() -> dict[str, Variant]:
       # The second moment's map and rounding, one keyword changed each.
       Variant('adamw_4bit_nu_linear',
               "flora_optax.adamw(bits=4, nu_code_map='linear')",
-              _adamw(bits=4, nu_code_map='linear'), ranked=False),
+              _adamw(bits=4, nu_code_map='linear'),
+              ranked=False, ablation=True),
       Variant('adamw_4bit_stochastic',
               'flora_optax.adamw(bits=4, stochastic_rounding=True)',
-              _adamw(bits=4, stochastic_rounding=True), ranked=False),
+              _adamw(bits=4, stochastic_rounding=True),
+              ranked=False, ablation=True),
       Variant('adamw_4bit_m_sqrt',
               "flora_optax.adamw(bits=4, code_map='sqrt')",
-              _adamw(bits=4, code_map='sqrt'), ranked=False),
+              _adamw(bits=4, code_map='sqrt'),
+              ranked=False, ablation=True),
       Variant('adamw_4bit_m_sqrt_nu_linear',
               "flora_optax.adamw(bits=4, code_map='sqrt', "
               "nu_code_map='linear')",
               _adamw(bits=4, code_map='sqrt', nu_code_map='linear'),
-              ranked=False),
+              ranked=False, ablation=True),
       Variant('adamw_8bit_nu_linear',
               "flora_optax.adamw(bits=8, nu_code_map='linear')",
-              _adamw(bits=8, nu_code_map='linear'), ranked=False),
+              _adamw(bits=8, nu_code_map='linear'),
+              ranked=False, ablation=True),
   ]
   for bits in (8, 4):
     rows.append(Variant(
@@ -294,11 +333,22 @@ def variants() -> dict[str, Variant]:
         f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits={bits}, '
         'nearest rounding)',
         _multisteps_quantized(bits, stochastic_rounding=False), ranked=False,
-        accumulate=ACCUMULATE, lm_only=True))
+        accumulate=ACCUMULATE, ablation=True))
   for name, (bits, options) in QUANT_ABLATIONS.items():
     what = ', '.join(f'{k}={v!r}' for k, v in options.items())
     rows.append(Variant(name, f'momentum in {bits}-bit codes ({what})',
-                        _quantized(bits, False, **options), ranked=False))
+                        _quantized(bits, False, **options), ranked=False,
+                        ablation=True))
+  rows += [
+      # The SVD-subspace peer (GaLore), at the same rank and refresh
+      # interval as Flora's resampling: with Adam in the subspace (optax's
+      # default), and with the study's Adafactor momentum there.
+      Variant('galore', 'optax.contrib.galore (Adam in the subspace)',
+              _galore(adafactor=False), ranked=True),
+      Variant('galore_adafactor',
+              f'optax.contrib.galore (Adafactor, momentum {MOMENTUM}, in the '
+              'subspace)', _galore(adafactor=True), ranked=True),
+  ]
   return {v.name: v for v in rows}
 
 
