@@ -24,12 +24,17 @@ Figures, all measured in one process against ``optax.adafactor(momentum=0.9)``
   unsafe_rbg): drawing every projection flora's plan needs on GPT-2-small at
   rank 128, against the compress products (einsums) of the same matrices.
 * **targets** (issue 14 item 2), derived from the above: met or not.
+* **quality** (``--sections quality``, its own run of the same budget): a
+  19M-parameter byte GPT trained 2000 steps per optimizer, one shared
+  learning rate, one seed; held-out loss, state bytes per parameter, steps
+  per second (:mod:`benchmarks.gpu_quality`, issue 22).
 
 Usage::
 
   python -m benchmarks.gpu [--out DIR]   # accelerator size, ~5 minutes
   python -m benchmarks.gpu --cpu-full    # GPT-2 update, smaller train step
   python -m benchmarks.gpu --quick       # tiny shapes: a smoke test
+  python -m benchmarks.gpu --sections quality   # the GPU-sized LM, ~5 min
 
 Writes ``gpu_<platform>.json`` and ``.md`` into ``--out`` (default
 ``benchmarks/results``, or ``benchmarks/results/quick`` with ``--quick``) and
@@ -58,6 +63,7 @@ import optax
 import flora_optax
 from benchmarks import accumulation
 from benchmarks import common
+from benchmarks import gpu_quality
 from benchmarks import small_lm
 from benchmarks.common import BASELINE, LR, Candidate
 from benchmarks.small_lm import GPTConfig
@@ -575,6 +581,7 @@ def markdown(res: dict[str, Any]) -> str:
                     _fmt(r['compress_s'] and 1e3 * r['compress_s']),
                     _fmt(r['generate_over_compress'], '.2f'), r['calls']]
                    for r in p['rows']])] + _notes(p)
+  lines += gpu_quality.markdown(res.get('quality'))
   return '\n'.join(lines)
 
 
@@ -612,7 +619,9 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument('--budget', type=float, default=None,
                       help='wall seconds from start-up (default per size)')
   parser.add_argument('--sections', default='projection,update,train_step',
-                      help='comma-separated subset, run in this order')
+                      help='comma-separated subset, run in this order, of '
+                      'projection, update, train_step and quality (the '
+                      'GPU-sized LM: run it on its own)')
   parser.add_argument('--quiet', action='store_true',
                       help='do not print the JSON at the end')
   args = parser.parse_args(argv)
@@ -626,10 +635,13 @@ def main(argv=None) -> dict[str, Any]:
   log = lambda s: print(f'[{time.perf_counter() - _START:6.1f} s] {s}',
                         file=sys.stderr, flush=True)
   sections = {'projection': projection_section, 'update': update_section,
-              'train_step': step_section}
+              'train_step': step_section,
+              'quality': lambda size, budget, log: gpu_quality.section(
+                  size.name, budget, log)}
   # Each section's share of the time left when it starts, so that a slow
   # update section can not leave the train step nothing.
-  shares = {'projection': 0.12, 'update': 0.5, 'train_step': 1.0}
+  shares = {'projection': 0.12, 'update': 0.5, 'train_step': 1.0,
+            'quality': 1.0}
   wanted = [s.strip() for s in args.sections.split(',') if s.strip()]
   bad = [s for s in wanted if s not in sections]
   if bad:

@@ -8,6 +8,7 @@ the issue's target; in fact exactly), and that the small LM's pieces behave.
 import json
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,26 @@ def test_gpu_quick_run_writes_every_section(tmp_path):
     assert row['generate_s'] > 0 and row['generate_over_compress'] > 0, row
   assert {t['met'] for t in res['targets']} <= {True, False}
   assert len(res['targets']) == 6
+
+
+def test_gpu_quality_section_quick():
+  from benchmarks import gpu, gpu_quality  # pylint: disable=g-import-not-at-top
+  res = gpu_quality.section('quick', gpu.Budget(600, start=time.perf_counter()),
+                            lambda *_: None,
+                            only=('adafactor', 'flora r=16 bits=8'))
+  by = {r['optimizer']: r for r in res['rows']}
+  assert set(by) == {'adafactor', 'flora r=16 bits=8'} and not res['not_run']
+  for r in by.values():
+    # Trained: below the loss of the shared init, on held-out bytes.
+    assert math.isfinite(r['final_eval_loss']), r
+    assert r['final_eval_loss'] < r['loss_before'], r
+  assert by['adafactor']['loss_before'] == by['flora r=16 bits=8'][
+      'loss_before']
+  # float32 momentum: 4 bytes per parameter plus Adafactor's factored rows.
+  assert 4 < by['adafactor']['bytes_per_param'] < 4.5
+  assert by['flora r=16 bits=8']['bytes_per_param'] < 1
+  text = '\n'.join(gpu_quality.markdown(res))
+  assert 'Quality: a GPU-sized byte GPT' in text and 'B/param' in text
 
 
 def test_quality_quick_run(tmp_path):
