@@ -109,6 +109,36 @@ def test_demo_accumulation_uses_compressed_multisteps(tmp_path):
   assert r.state_bytes < 0.5 * train_lm.tree_bytes(ada_state)
 
 
+def test_demo_quantized_rows_store_codes():
+  # The paper miniature's quantized rows: momentum in 8-/4-bit codes in
+  # every direction, Flora's sketch in 8-bit codes, an 8-bit accumulator.
+  # d_model 64, rank 16: the fc sketches (16 x 256) are large enough to be
+  # quantized (min_quantized_size 4096).
+  _, params, _ = train_lm.init_model(
+      train_lm.ModelConfig(seq_len=16, d_model=64, num_layers=1, num_heads=2),
+      0)
+  def kernel(name, **kw):
+    tx = train_lm.make_optimizer(train_lm.OptConfig(
+        name=name, rank=16, min_dim_size_to_factor=32, **kw))
+    state = jax.eval_shape(tx.init, params)
+    leaves = [x for x in jax.tree.leaves(
+        state, is_leaf=lambda x: isinstance(x, flora_optax.QuantizedArray))
+              if isinstance(x, flora_optax.QuantizedArray)]
+    return leaves, train_lm.tree_bytes(state)
+  (q8, b8), (q4, b4), (sk, bsk) = (kernel('flora8'), kernel('flora4'),
+                                   kernel('flora_sketch8'))
+  _, b32 = kernel('adafactor')
+  assert q8 and q4 and sk
+  assert {x.codes.dtype for x in q8 + sk} == {jnp.dtype(jnp.int8)}
+  # 4-bit codes packed two to a byte; the sketch has rank 16 rows.
+  assert q4[0].codes.shape[-1] * 2 == q8[0].codes.shape[-1]
+  assert {min(x.codes.shape) for x in sk} == {16}
+  assert bsk < b4 < b8 < b32
+  acc, _ = kernel('adafactor_nomomentum', accumulate=2, accumulator='flora',
+                  accumulation_rank=None, accumulation_bits=8)
+  assert acc
+
+
 def test_demo_rejects_bad_flags():
   with pytest.raises(SystemExit):
     train_lm.parse_args(['--optimizers', 'sgd'])
