@@ -127,8 +127,9 @@ def test_full_run_leaves_the_ablations_out_unless_asked():
   work = [(v.name, r) for v, r in cli._work(lm, args)]  # pylint: disable=protected-access
   assert ('multisteps_flora', 4) in work
   assert sorted(r for v, r in work if v == 'galore') == [2, 4, 8]
-  deep = tasks.lm_deep_task(True)
-  assert {r for v, r in cli._work(deep, args) if v.ranked} == {4}  # pylint: disable=protected-access
+  deep = cli._work(tasks.lm_deep_task(True), args)  # pylint: disable=protected-access
+  assert {r for v, r in deep if v.ranked} == {4}
+  assert not any(v.accumulate > 1 for v, _ in deep)
   small = tasks.regression_task(True)
   assert not any(v.accumulate > 1 for v, _ in cli._work(small, args))  # pylint: disable=protected-access
 
