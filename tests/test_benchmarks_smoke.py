@@ -174,7 +174,8 @@ def test_quality_quick_run(tmp_path):
   # Imported here: the study loads the examples' corpus and model.
   from benchmarks import quality  # pylint: disable=g-import-not-at-top
   out = str(tmp_path)
-  paths = quality.main(['--quick', '--out', out])
+  paths = quality.main(['--quick', '--out', out, '--cache',
+                        os.path.join(out, 'cache')])
   for name in ('quality.json', 'quality.md', 'quality.png'):
     path = os.path.join(out, name)
     assert path in paths and os.path.getsize(path) > 0, name
@@ -203,6 +204,15 @@ def test_quality_quick_run(tmp_path):
     assert math.isfinite(r['std']) and r['std'] >= 0
     assert r['state_bytes'] > 0 and r['seconds'] > 0
     assert (r['rank'] is None) == (r['ratio'] is None)
+    # The bytes axis: per parameter of the task's full model.
+    assert math.isclose(r['bytes_per_param'], r['state_bytes'] /
+                        res['tasks'][r['task']]['params'])
+  # GaLore at the same rank; the fine-tuning task records the loss of the
+  # pretrained model, which fine-tuning improves on.
+  assert {r['task'] for r in rows if r['optimizer'] == 'galore'} == set(
+      quality.QUICK['tasks'])
+  ft = res['tasks']['finetune']['settings']['loss_before']
+  assert min(r['mean'] for r in rows if r['task'] == 'finetune') < ft
   # Compressed states are smaller than the uncompressed momentum's.
   by = {(r['task'], r['optimizer']): r for r in rows}
   for task in quality.QUICK['tasks']:

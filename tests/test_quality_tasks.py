@@ -126,7 +126,12 @@ def test_full_run_leaves_the_ablations_out_unless_asked():
   lm = tasks.lm_task(True)
   work = [(v.name, r) for v, r in cli._work(lm, args)]  # pylint: disable=protected-access
   assert ('multisteps_flora', 4) in work
-  assert sorted(r for v, r in work if v == 'galore') == [2, 4, 8]
+  assert [r for v, r in work if v == 'galore'] == [4]
+  assert sorted(r for v, r in work if v == 'lora') == [2, 4, 8]
+  assert sorted(r for v, r in work if v == cli.parse_args([]).default) == [
+      2, 4, 8]
+  small = [(v.name, r) for v, r in cli._work(tasks.regression_task(True), args)]  # pylint: disable=protected-access
+  assert sorted(r for v, r in small if v == 'galore') == [2, 4, 8]
   deep = cli._work(tasks.lm_deep_task(True), args)  # pylint: disable=protected-access
   assert {r for v, r in deep if v.ranked} == {4}
   assert not any(v.accumulate > 1 for v, _ in deep)

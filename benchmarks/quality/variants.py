@@ -43,6 +43,9 @@ class Variant:
     ablation: a row that settled a default (a code map, a block size, a
       rounding, a momentum position): run only when named (``--variants``,
       ``--ablations``), so that the full run stays within its time.
+    sweep: a ranked row that runs at every ``d/r`` of a language task (the
+      others run at 4 there, the targets' ratio; every ranked row runs at
+      every ``d/r`` of the small tasks).
     flora: the Flora momentum's options, ``residual``, ``momentum_position``
       (and ``subspace_scale`` in residual mode); ``None``: not a Flora
       momentum row.
@@ -55,6 +58,7 @@ class Variant:
   lora: bool = False
   accumulate: int = 1
   ablation: bool = False
+  sweep: bool = False
   flora: dict[str, Any] | None = None
 
 
@@ -249,18 +253,17 @@ def _flora_rows() -> list[Variant]:
   positions."""
   paper = dict(residual=False, momentum_position='paper')
   rows = [Variant('flora_paper', 'Flora, paper (residual=False)',
-                  _flora(paper), ranked=True, flora=paper)]
+                  _flora(paper), ranked=True, flora=paper, sweep=True)]
   for scale in ('projection', 'unbiased'):
     for position in ('paper', 'optax'):
       opts = dict(residual=True, subspace_scale=scale,
                   momentum_position=position)
+      default = opts == library_defaults()
       rows.append(Variant(
           f'flora_residual_{scale}_{position}',
           f'Flora, residual, {scale} scale, {position} position',
           _flora(opts) if scale == 'projection' else None, ranked=True,
-          flora=opts, ablation=(opts['residual'], position) != (
-              library_defaults()['residual'],
-              library_defaults()['momentum_position'])))
+          flora=opts, ablation=not default, sweep=default))
   return rows
 
 
@@ -273,7 +276,7 @@ def variants() -> dict[str, Variant]:
               _adafactor(None), ranked=False),
       *_flora_rows(),
       Variant('lora', f'LoRA + Adafactor, momentum {MOMENTUM}',
-              _adafactor(MOMENTUM), ranked=True, lora=True),
+              _adafactor(MOMENTUM), ranked=True, lora=True, sweep=True),
       Variant('multisteps_optax', f'optax.MultiSteps (K={ACCUMULATE})',
               _multisteps(False), ranked=False, accumulate=ACCUMULATE),
       Variant('multisteps_flora', f'flora_optax.MultiSteps (K={ACCUMULATE})',
