@@ -19,10 +19,24 @@ rows differ only in the first moment:
 
 and, on the language model, accumulation over ``K = 4`` micro-batches (the
 same examples per update) with ``flora_optax.MultiSteps`` or
-``optax.MultiSteps`` around Adafactor without momentum.
+``optax.MultiSteps`` around Adafactor without momentum. The quantized states
+(issues 18, 20, 22) add momentum and accumulators in 8-/4-bit codes, Flora's
+sketch in 8-bit codes, bf16 momentum, ``optax.adamw`` and
+``flora_optax.adamw(bits=8 / 4)``, and the SVD-subspace peer
+``optax.contrib.galore`` (Adam, or the study's Adafactor momentum, in its
+subspace) at the same rank. Rows marked ``ablation`` (those that settled a
+default) run only when named or with ``--ablations``.
 
-Each configuration trains every (seed, learning rate) pair at once: one jitted
-program, ``vmap`` over models and ``lax.scan`` over steps. A seed fixes the
+Tasks: ``lm`` (a 1-layer byte GPT, where momentum does not help),
+``lm_deep`` (2 layers, longer windows, more tokens: momentum clearly helps),
+``finetune`` (the paper's setting: the byte GPT pretrained once on the
+stdlib sources, cached under ``runs/quality_cache``, then fine-tuned on the
+pydoc topics), and three small ill-conditioned problems (``regression``,
+``mlp``, ``autoencoder``). Every row records its state bytes and its bytes
+per parameter of the task's model.
+
+Each configuration trains every (seed, learning rate) pair with one jitted
+program (a ``lax.scan`` over steps), run once per pair. A seed fixes the
 model init, the data order and the projection key. Each optimizer is reported
 at its best learning rate by mean final (held-out) loss; when the best is at
 an edge of the grid, the grid is extended on that side. Results go to
@@ -30,6 +44,7 @@ an edge of the grid, the grid is extended on that side. Results go to
 that parts can be rerun::
 
     python -m benchmarks.quality                  # the full study
+    python -m benchmarks.quality --resume         # only the rows not yet measured
     python -m benchmarks.quality --quick          # a smoke run (results/quick/)
     python -m benchmarks.quality --tasks lm --variants flora_paper --ratios 4
 
