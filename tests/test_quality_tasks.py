@@ -120,8 +120,8 @@ def test_full_run_leaves_the_ablations_out_unless_asked():
   assert set(every) == set(variants.runnable())
   assert 'adamw_4bit_stochastic' in cli.parse_args(
       ['--variants', 'adamw_4bit_stochastic']).variants
-  # The costly language tasks run their ranked rows at d/r = 4; the
-  # accumulation rows run on the language models trained from scratch.
+  # Only Flora's default, its paper mode and LoRA sweep d/r (lm_deep and
+  # finetune: 4 only); the accumulation rows run on lm.
   args = cli.parse_args([])
   lm = tasks.lm_task(True)
   work = [(v.name, r) for v, r in cli._work(lm, args)]  # pylint: disable=protected-access
@@ -131,7 +131,11 @@ def test_full_run_leaves_the_ablations_out_unless_asked():
   assert sorted(r for v, r in work if v == cli.parse_args([]).default) == [
       2, 4, 8]
   small = [(v.name, r) for v, r in cli._work(tasks.regression_task(True), args)]  # pylint: disable=protected-access
-  assert sorted(r for v, r in small if v == 'galore') == [2, 4, 8]
+  assert [r for v, r in small if v == 'galore'] == [4]
+  assert sorted(r for v, r in small if v == 'lora') == [2, 4, 8]
+  every = cli.parse_args(['--all-ratios'])
+  assert sorted(r for v, r in cli._work(tasks.regression_task(True), every)  # pylint: disable=protected-access
+                if v.name == 'galore') == [2, 4, 8]
   deep = cli._work(tasks.lm_deep_task(True), args)  # pylint: disable=protected-access
   assert {r for v, r in deep if v.ranked} == {4}
   assert not any(v.accumulate > 1 for v, _ in deep)

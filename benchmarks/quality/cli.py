@@ -51,10 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--ablations', action='store_true',
                  help='the ablation rows too (those that settled a default: '
                  'code maps, block sizes, rounding, momentum positions)')
-  p.add_argument('--ratios', help='comma-separated d/r (default: each '
-                 'task\'s, 2,4,8 on the small tasks and on the LM, 4 on '
-                 'lm_deep and finetune; on the LM only Flora\'s default, '
-                 'its paper mode and LoRA sweep them, the others run at 4)')
+  p.add_argument('--ratios', help='comma-separated d/r (default: Flora\'s '
+                 'default, its paper mode and LoRA at each task\'s, 2,4,8 '
+                 'or 4 on lm_deep and finetune; every other ranked row at 4)')
   p.add_argument('--all-ratios', action='store_true',
                  help=f'every ranked row at every d/r of {RATIOS}')
   p.add_argument('--cache', default=None, metavar='DIR',
@@ -174,8 +173,8 @@ def _ratios(task: Task, v: Variant, args: argparse.Namespace
     return args.ratios
   if args.all_ratios:
     return list(RATIOS)
-  if task.language and not v.sweep:
-    return [4]  # the language models are the costly tasks
+  if not v.sweep:
+    return [4]  # the targets' ratio; the sweeps bound the full run's time
   return list(task.ratios)
 
 

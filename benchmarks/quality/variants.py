@@ -43,9 +43,8 @@ class Variant:
     ablation: a row that settled a default (a code map, a block size, a
       rounding, a momentum position): run only when named (``--variants``,
       ``--ablations``), so that the full run stays within its time.
-    sweep: a ranked row that runs at every ``d/r`` of a language task (the
-      others run at 4 there, the targets' ratio; every ranked row runs at
-      every ``d/r`` of the small tasks).
+    sweep: a ranked row that runs at every ``d/r`` of a task (the others
+      run at 4, the targets' ratio, unless ``--ratios``/``--all-ratios``).
     flora: the Flora momentum's options, ``residual``, ``momentum_position``
       (and ``subspace_scale`` in residual mode); ``None``: not a Flora
       momentum row.
