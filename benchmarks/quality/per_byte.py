@@ -115,6 +115,11 @@ def plot(payload: dict[str, Any], path: str) -> None:
                     if r['optimizer'].startswith(k)), 'tab:gray')
       ax.errorbar(r['state_bytes'] / 1024, r['mean'], yerr=r['std'], fmt='o',
                   ms=4, color=color, alpha=0.7)
+    used = {k for r in rows for k in families
+            if r['optimizer'].startswith(k)}
+    for k, c in families.items():  # one legend entry per family
+      if k in used:
+        ax.plot([], [], 'o', ms=4, color=c, label=f'{k}*')
     front = pareto(rows)
     ax.plot([r['state_bytes'] / 1024 for r in front],
             [r['mean'] for r in front], 'r-', lw=1, label='Pareto front')
