@@ -217,7 +217,7 @@ DEFAULT_CACHE = os.path.join(
 
 def finetune_task(quick: bool, *, pretrain_steps: int = 600, steps: int = 200,
                   batch: int = 16, seq_len: int = 32, layers: int = 1,
-                  lr: float = 0.0025, pretrain_lr: float = 0.005,
+                  lr: float = 0.005, pretrain_lr: float = 0.005,
                   cache_dir: str | None = None) -> Task:
   """The byte GPT pretrained on the stdlib sources, fine-tuned on the docs.
 
