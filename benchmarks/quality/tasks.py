@@ -76,6 +76,42 @@ class Task:
   language: bool = False
 
 
+def _gpt(mc: model_lib.ModelConfig, corpus: data_lib.Corpus,
+         evals: jax.Array, base: dict[str, Any] | None = None
+         ) -> tuple[Callable[[int | None], Model], Callable[..., Any]]:
+  """``(Task.model, Task.data)`` of the byte GPT ``mc`` trained on
+  ``corpus``'s train split and scored on ``evals``.
+
+  ``base``: pretrained weights (:func:`pretrained`) grafted into every
+  init, LoRA's frozen kernels included (same paths); the seed then draws only
+  LoRA's ``A``.
+  """
+  def model(lora_rank):
+    cfg = dataclasses.replace(mc, lora_rank=lora_rank)
+    # The graph and variable layout, to rebuild the model from its dicts;
+    # `rest` holds the frozen variables (LoRA's base kernels).
+    graphdef, _, (param_state, _) = model_lib.init_model(cfg, 0)
+    loss = model_lib.make_loss_fn_with_rest(graphdef, param_state)
+
+    def init(seed):
+      _, params, (_, rest) = model_lib.init_model(cfg, seed)
+      if base is None:
+        return params, rest
+      nnx.replace_by_pure_dict(rest, _graft(nnx.to_pure_dict(rest), base))
+      return _graft(params, base), rest
+
+    def evaluate(params, rest):
+      return jax.lax.map(lambda t: loss(params, rest, t), evals).mean()
+
+    return Model(init, loss, evaluate)
+
+  def data(seed, num_steps, batch):
+    it = corpus.batches('train', batch, mc.seq_len, seed=1000 + seed)
+    return np.stack([next(it) for _ in range(num_steps)])
+
+  return model, data
+
+
 def lm_task(quick: bool, *, steps: int = 300, batch: int = 16,
             seq_len: int = 32, layers: int = 1, lr: float = 0.0025,
             d_model: int = 128, name: str = 'lm',
@@ -93,26 +129,7 @@ def lm_task(quick: bool, *, steps: int = 300, batch: int = 16,
   corpus = data_lib.load_corpus('all')
   evals = jnp.asarray(np.stack(corpus.eval_batches(16, mc.seq_len,
                                                    eval_batches)))
-  def model(lora_rank):
-    cfg = dataclasses.replace(mc, lora_rank=lora_rank)
-    # The graph and variable layout, to rebuild the model from its dicts;
-    # `rest` holds the frozen variables (LoRA's base kernels).
-    graphdef, _, (param_state, _) = model_lib.init_model(cfg, 0)
-    loss = model_lib.make_loss_fn_with_rest(graphdef, param_state)
-
-    def init(seed):
-      _, params, (_, rest) = model_lib.init_model(cfg, seed)
-      return params, rest
-
-    def evaluate(params, rest):
-      return jax.lax.map(lambda t: loss(params, rest, t), evals).mean()
-
-    return Model(init, loss, evaluate)
-
-  def data(seed, num_steps, batch):
-    it = corpus.batches('train', batch, mc.seq_len, seed=1000 + seed)
-    return np.stack([next(it) for _ in range(num_steps)])
-
+  model, data = _gpt(mc, corpus, evals)
   return Task(
       name=name,
       description=(
@@ -241,29 +258,9 @@ def finetune_task(quick: bool, *, pretrain_steps: int = 600, steps: int = 200,
   evals = jnp.asarray(np.stack(target.eval_batches(16, mc.seq_len,
                                                    eval_batches)))
 
-  def model(lora_rank):
-    cfg = dataclasses.replace(mc, lora_rank=lora_rank)
-    graphdef, _, (param_state, _) = model_lib.init_model(cfg, 0)
-    loss = model_lib.make_loss_fn_with_rest(graphdef, param_state)
-
-    def init(seed):
-      # The seed draws LoRA's A; every pretrained weight (LoRA's frozen
-      # kernels too: same paths) is grafted in.
-      _, params, (_, rest) = model_lib.init_model(cfg, seed)
-      nnx.replace_by_pure_dict(rest, _graft(nnx.to_pure_dict(rest), base))
-      return _graft(params, base), rest
-
-    def evaluate(params, rest):
-      return jax.lax.map(lambda t: loss(params, rest, t), evals).mean()
-
-    return Model(init, loss, evaluate)
-
-  def data(seed, num_steps, batch):
-    it = target.batches('train', batch, mc.seq_len, seed=1000 + seed)
-    return np.stack([next(it) for _ in range(num_steps)])
-
-  full = jax.tree.map(np.asarray, model(None).init(0)[0])
-  before = float(model(None).evaluate(full, model(None).init(0)[1]))
+  model, data = _gpt(mc, target, evals, base)
+  pre = model(None)
+  before = float(pre.evaluate(*pre.init(0)))
   return Task(
       name='finetune',
       description=(
