@@ -7,6 +7,7 @@ rows must descend; the full run leaves the ablations out unless asked; the
 quantized states' targets must say "met" exactly when the numbers do.
 """
 
+import json
 import math
 import os
 
@@ -92,7 +93,8 @@ def test_finetune_rows_start_from_the_pretrained_weights(finetune):
 @pytest.mark.parametrize('name', ['galore', 'galore_adafactor'])
 def test_galore_rows_descend_at_their_rank(name):
   v = variants.variants()[name]
-  assert v.ranked and not v.ablation
+  # optax's GaLore is in the full run; the Adafactor variant is an ablation.
+  assert v.ranked and v.ablation == (name == 'galore_adafactor')
   w_star = jax.random.normal(jax.random.key(0), (32, 24))
   params = {'w': jnp.zeros((32, 24)), 'b': jnp.zeros((24,))}
   loss = lambda p: jnp.sum((p['w'] - w_star)**2) + jnp.sum((p['b'] - 1)**2)  # noqa: E731
@@ -114,7 +116,7 @@ def test_full_run_leaves_the_ablations_out_unless_asked():
   assert full and not any(vs[n].ablation for n in full)
   for name in ('adafactor', 'adafactor_nomomentum', 'momentum_8bit',
                'momentum_4bit', 'adamw', 'adamw_8bit', 'adamw_4bit', 'lora',
-               'flora_paper', 'galore', 'galore_adafactor'):
+               'flora_paper', 'galore'):
     assert name in full, name
   every = cli.parse_args(['--ablations']).variants
   assert set(every) == set(variants.runnable())
@@ -141,6 +143,43 @@ def test_full_run_leaves_the_ablations_out_unless_asked():
   assert not any(v.accumulate > 1 for v, _ in deep)
   small = tasks.regression_task(True)
   assert not any(v.accumulate > 1 for v, _ in cli._work(small, args))  # pylint: disable=protected-access
+  # Named on the command line, the accumulation rows run there too.
+  named = cli.parse_args(['--variants', 'multisteps_optax,adafactor'])
+  assert [(v.name, r) for v, r in cli._work(tasks.lm_deep_task(True), named)  # pylint: disable=protected-access
+          ] == [('multisteps_optax', None), ('adafactor', None)]
+
+
+def test_grids_are_centred_on_the_recorded_best(tmp_path):
+  # The full run reads the committed results; --quick and 'none' do not.
+  assert cli.parse_args([]).centres.endswith(os.path.join('results',
+                                                          'quality.json'))
+  assert cli.parse_args(['--quick']).centres is None
+  assert cli.parse_args(['--centres', 'none']).centres is None
+  with pytest.raises(SystemExit):
+    cli.parse_args(['--centres', str(tmp_path / 'missing.json')])
+  # Every recorded centre lies on its task's lattice (task lr * 2^k), so
+  # the full run repeats the programs (and losses) that chose it.
+  for (task, _, _), lr in cli.lr_centres(cli.parse_args([]).centres).items():
+    k = math.log2(lr / tasks.TASKS[task](True).lr)
+    assert abs(k - round(k)) < 1e-9, (task, lr)
+  # A row recorded at 4x its task's centre runs its grid around that; an
+  # unrecorded one around the task's centre.
+  centre = tasks.regression_task(True).lr
+  recorded = tmp_path / 'old.json'
+  recorded.write_text(json.dumps({'rows': [dict(
+      task='regression', optimizer='adafactor', ratio=None,
+      best_lr=4 * centre)]}))
+  out = tmp_path / 'out'
+  cli.main(['--quick', '--tasks', 'regression', '--variants',
+            'adafactor,adafactor_nomomentum', '--centres', str(recorded),
+            '--out', str(out), '--fresh'])
+  result = json.loads((out / 'quality.json').read_text())
+  grids = {r['optimizer']: r['lrs'] for r in result['rows']}
+  np.testing.assert_allclose(grids['adafactor'],
+                             [2 * centre, 4 * centre, 8 * centre])
+  np.testing.assert_allclose(grids['adafactor_nomomentum'],
+                             [centre / 2, centre, 2 * centre])
+  assert result['meta']['lr_centres'] == os.path.relpath(recorded)
 
 
 def _row(task, name, mean, std=0.01):

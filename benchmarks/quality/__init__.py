@@ -39,7 +39,10 @@ Each configuration trains every (seed, learning rate) pair with one jitted
 program (a ``lax.scan`` over steps), run once per pair. A seed fixes the
 model init, the data order and the projection key. Each optimizer is reported
 at its best learning rate by mean final (held-out) loss; when the best is at
-an edge of the grid, the grid is extended on that side. Results go to
+an edge of the grid, the grid is extended on that side. Each row's grid is
+centred on its best learning rate in the committed results (``--centres``),
+so the full run seldom extends; a row measured for the first time starts at
+its task's centre. Results go to
 ``benchmarks/results/quality.{json,md,png}``, merged into an earlier JSON so
 that parts can be rerun::
 

@@ -60,6 +60,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help='where the fine-tuning task\'s pretrained model is '
                  'cached (default runs/quality_cache)')
   p.add_argument('--seeds', help='comma-separated seeds (default 0,1,2)')
+  p.add_argument('--centres', default=None, metavar='JSON',
+                 help='centre each row\'s learning-rate grid on its best lr '
+                 'in this results JSON (default: the committed '
+                 f'{os.path.join(common.RESULTS_DIR, NAME)}.json; with '
+                 '--quick, or "none": every row around its task\'s centre); '
+                 'a row whose best is then at an edge is extended as usual')
   p.add_argument('--lrs', help='comma-separated factors of each task\'s grid '
                  f'centre (default {",".join(map(str, LR_FACTORS))})')
   p.add_argument('--no-extend', action='store_true',
@@ -85,12 +91,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   # --quick: a small subset that runs in well under a minute.
   quick = QUICK if args.quick else {}
   args.tasks = _csv(args.tasks) or quick.get('tasks', list(TASKS))
+  # Rows named on the command line run on every task (the accumulation rows
+  # too); the full run keeps those to the tasks that have them.
+  args.named = args.variants is not None
   args.variants = _csv(args.variants) or quick.get('variants', [
       n for n, v in runnable().items() if args.ablations or not v.ablation])
   args.seeds = _csv(args.seeds, int) or quick.get('seeds', [0, 1, 2])
   args.lrs = _csv(args.lrs, float) or list(LR_FACTORS)
   args.ratios = _csv(args.ratios, int) or quick.get('ratios')
   args.no_extend = args.no_extend or args.quick
+  if args.centres is None and not args.quick:
+    args.centres = os.path.join(common.RESULTS_DIR, f'{NAME}.json')
+  if args.centres == 'none':
+    args.centres = None
+  if args.centres and not os.path.exists(args.centres):
+    p.error(f'--centres: no results JSON at {args.centres!r}')
   # 'default': whichever variant plain flora_optax.flora is.
   vs, args.defaults = variants(), library_defaults()
   args.default = next(
@@ -146,6 +161,9 @@ def _write(out: str, old: dict[str, Any], new_rows: list[dict[str, Any]],
       resample_fraction=RESAMPLE_FRACTION, noise_mult=NOISE_MULT,
       defaults=args.defaults, default_variant=args.default,
       task_choice=TASK_CHOICE, hung=read_hung(out),
+      lr_centres=(old['meta'].get('lr_centres') if not new_rows else
+                  os.path.relpath(args.centres) if args.centres else
+                  'each task\'s'),
       jaxlib=importlib.metadata.version('jaxlib'),
       seconds=old['meta'].get('seconds', 0.0) + seconds)
   payload = dict(meta=meta, tasks=tasks, rows=rows,
@@ -184,10 +202,24 @@ def _work(task: Task, args: argparse.Namespace
   that a run cut short has it."""
   vs = variants()
   work = [(vs[name], ratio) for name in args.variants
-          if task.accumulation or vs[name].accumulate == 1
+          if task.accumulation or vs[name].accumulate == 1 or args.named
           for ratio in _ratios(task, vs[name], args)]
   work.sort(key=lambda w: w[1] not in (None, 4))
   return work
+
+
+def lr_centres(path: str | None) -> dict[tuple[Any, ...], float]:
+  """``{(task, optimizer, ratio): best lr}`` of the results JSON at ``path``.
+
+  The full run centres each row's grid there, so that it rarely needs the
+  extensions (each a compile and three more trainings); the grids of one
+  task stay on one geometric lattice, so a rerun repeats the same programs.
+  """
+  if not path:
+    return {}
+  with open(path) as f:
+    rows = json.load(f)['rows']
+  return {(r['task'], r['optimizer'], r['ratio']): r['best_lr'] for r in rows}
 
 
 def _skip(task: Task, v: Variant, ratio: int | None,
@@ -218,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     with open(jpath) as f:
       old = json.load(f)
   done = {(r['task'], r['optimizer'], r['ratio']) for r in old['rows']}
+  centres = lr_centres(args.centres)
   new_rows, task_meta = [], {}
   t0 = time.perf_counter()
   for task_name in ([] if args.report_only else args.tasks):
@@ -229,13 +262,14 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
                                 resample_every=kappa, d=task.d,
                                 settings=task.settings,
                                 params=count_params(task))
-    lrs = [task.lr * f for f in args.lrs]
     # The small tasks' programs take seconds: wait less for them.
     watchdog = args.watchdog and (args.watchdog if task.language else
                                   args.watchdog / 5)
     for v, ratio in _work(task, args):
       if _skip(task, v, ratio, args, out, done):
         continue
+      centre = centres.get((task.name, v.name, ratio), task.lr)
+      lrs = [centre * f for f in args.lrs]
       new_rows.append(run_row(task, v, ratio, lrs, args.seeds, kappa,
                               extend=not args.no_extend, log=print,
                               watchdog=watchdog, out=out))

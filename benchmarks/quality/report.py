@@ -146,6 +146,11 @@ def _intro(payload: dict[str, Any]) -> list[str]:
   for name, t in payload['tasks'].items():
     lines.append(f"- **{name}**: {t['description']} LR grid centre "
                  f"{t['lr']:g}; resample_every {t['resample_every']}.")
+  centres = meta.get('lr_centres')
+  if centres and centres != "each task's":
+    lines.append(f'\nEach row\'s grid: centred on its best learning rate in '
+                 f'`{centres}` (a row measured for the first time: on its '
+                 'task\'s centre), extended at an edge that holds the best.')
   lines.append('\n' + meta['task_choice'] + '\n')
   return lines
 

@@ -41,8 +41,9 @@ class Variant:
     accumulate: micro-batches per update (same examples per update); rows
       with ``accumulate > 1`` run on the tasks with ``Task.accumulation``.
     ablation: a row that settled a default (a code map, a block size, a
-      rounding, a momentum position): run only when named (``--variants``,
-      ``--ablations``), so that the full run stays within its time.
+      rounding, a momentum position) or a variant of a peer (GaLore with
+      Adafactor): run only when named (``--variants``, ``--ablations``), so
+      that the full run stays within its time.
     sweep: a ranked row that runs at every ``d/r`` of a task (the others
       run at 4, the targets' ratio, unless ``--ratios``/``--all-ratios``).
     flora: the Flora momentum's options, ``residual``, ``momentum_position``
@@ -347,9 +348,13 @@ def variants() -> dict[str, Variant]:
       # default), and with the study's Adafactor momentum there.
       Variant('galore', 'optax.contrib.galore (Adam in the subspace)',
               _galore(adafactor=False), ranked=True),
+      # An ablation once measured on every task: like optax's default (Adam
+      # in the subspace), the one users would try, it is worse than no
+      # momentum on each task.
       Variant('galore_adafactor',
               f'optax.contrib.galore (Adafactor, momentum {MOMENTUM}, in the '
-              'subspace)', _galore(adafactor=True), ranked=True),
+              'subspace)', _galore(adafactor=True), ranked=True,
+              ablation=True),
   ]
   return {v.name: v for v in rows}
 
