@@ -6,8 +6,11 @@
 - "Set-up: two commands": each command creates and activates the virtual
   environment itself (a new terminal may run either one first), and CI
   (`.ci/run`) runs exactly the README's test command.
+- "Which state compression": its tables are the committed quality results
+  (``python -m benchmarks.quality.readme``).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -79,3 +82,17 @@ def test_setup_commands_are_self_contained_and_ci_runs_the_test_command():
   # The line after the comment naming it, character for character.
   at = next(i for i, l in enumerate(ci) if l.startswith("# The README's test"))
   assert ci[at + 1] == test_command, (ci[at + 1], test_command)
+
+
+def test_which_state_compression_tables_are_the_measured_rows():
+  # The decision reads these tables: they must be the committed results'.
+  from benchmarks.quality import readme  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(_ROOT, 'benchmarks', 'results', 'quality.json'),
+            encoding='utf-8') as f:
+    payload = json.load(f)
+  text = _readme()
+  section = text[text.index('\n## Which state compression'):]
+  section = section[:section.index('\n## ', 1)]
+  for table in (readme.loss_table(payload), readme.benefit_table(payload)):
+    assert table in section, ('README "Which state compression" is not '
+                              'python -m benchmarks.quality.readme:\n' + table)
