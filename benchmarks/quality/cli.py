@@ -53,7 +53,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  'code maps, block sizes, rounding, momentum positions)')
   p.add_argument('--ratios', help='comma-separated d/r (default: Flora\'s '
                  'default, its paper mode and LoRA at each task\'s, 2,4,8 '
-                 'or 4 on lm_deep and finetune; every other ranked row at 4)')
+                 'on the small tasks and 4 on the language models; every '
+                 'other ranked row at 4)')
   p.add_argument('--all-ratios', action='store_true',
                  help=f'every ranked row at every d/r of {RATIOS}')
   p.add_argument('--cache', default=None, metavar='DIR',
