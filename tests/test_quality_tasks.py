@@ -158,8 +158,11 @@ def test_grids_are_centred_on_the_recorded_best(tmp_path):
     cli.parse_args(['--centres', str(tmp_path / 'missing.json')])
   # Every recorded centre lies on its task's lattice (task lr * 2^k), so
   # the full run repeats the programs (and losses) that chose it.
-  for (task, _, _), lr in cli.lr_centres(cli.parse_args([]).centres).items():
-    k = math.log2(lr / tasks.TASKS[task](True).lr)
+  committed = cli.parse_args([]).centres
+  with open(committed) as f:
+    task_lr = {t: meta['lr'] for t, meta in json.load(f)['tasks'].items()}
+  for (task, _, _), lr in cli.lr_centres(committed).items():
+    k = math.log2(lr / task_lr[task])
     assert abs(k - round(k)) < 1e-9, (task, lr)
   # A row recorded at 4x its task's centre runs its grid around that; an
   # unrecorded one around the task's centre.
