@@ -455,7 +455,7 @@ def check_sketches(plans: Any,
 
   def shape_of(s):
     if is_stored(s):
-      return tuple(tuple(a.shape) for a in s)
+      return (tuple(s.codes.shape), tuple(s.scales.shape))
     return tuple(s.shape)
 
   def f(path, plan, s):

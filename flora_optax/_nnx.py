@@ -81,7 +81,8 @@ def fit_metadata(params: Any, tree: Any, plans: Any = None) -> Any:
       # each is sharded as the sketch is.
       if not is_plan:
         return value
-      return QuantizedArray(*(with_names(s, v, plan) for v in value))
+      return value._replace(codes=with_names(s, value.codes, plan),
+                            scales=with_names(s, value.scales, plan))
     if np.shape(value) == np.shape(p.get_value()):
       return s
     if (not is_plan or plan.dense or np.shape(value) != plan.sketch_shape):

@@ -65,17 +65,71 @@ DEFAULT_CODE_MAP = {8: 'linear', 4: 'linear'}
 DEFAULT_MIN_SIZE = 4096
 
 
-class QuantizedArray(NamedTuple):
-  """A block-wise quantized array (a pytree of two arrays).
+class QuantizedFormat(NamedTuple):
+  """What a :class:`QuantizedArray` stands for: static data, no arrays.
+
+  It is a pytree node without leaves (so ``jax.tree.leaves`` of a quantized
+  state are its codes and scales, and the format is part of the tree's
+  structure, as static data under ``jit``), and plain Python values (so
+  ``flax.serialization`` writes it next to the codes). With it a stored
+  state decodes without the optimizer that wrote it (:func:`decode`,
+  ``flora_optax.to_float_state``).
 
   Attributes:
-    codes: int8 codes with the value's shape (8 bits), or uint8 bytes holding
-      two 4-bit codes each, shape ``(..., ceil(m / 2))``.
-    scales: float32 absmax of each block, shape ``(..., ceil(m / block))``.
+    bits: 8 or 4.
+    block_size: entries per block along the last axis (at most: a last axis
+      shorter than a block is one block).
+    code_map: the map of signed codes, ``'linear'`` or ``'sqrt'`` (for
+      ``signed=False``: the map of the unsigned codes).
+    signed: ``True``: every block in signed codes; ``False``: every block in
+      unsigned codes that exclude zero; ``None``: per block, chosen from the
+      data: a block with no negative entry (and a positive one) is stored in
+      unsigned codes with ``unsigned_map``, marked by a negative scale.
+    shape: the shape of the float array.
+    dtype: the name of its dtype (e.g. ``'float32'``).
+    unsigned_map: the map of the unsigned blocks when ``signed`` is None.
+  """
+
+  bits: int
+  block_size: int
+  code_map: str
+  signed: bool | None
+  shape: tuple[int, ...]
+  dtype: str
+  unsigned_map: str = 'sqrt'
+
+
+# A node without children: the format is static data in the tree structure.
+jax.tree_util.register_pytree_node(QuantizedFormat, lambda f: ((), f),
+                                   lambda f, _: f)
+
+
+class QuantizedArray(NamedTuple):
+  """A block-wise quantized array: two arrays and their static format.
+
+  Attributes:
+    codes: 8 bits: int8 codes with the value's shape (uint8 for unsigned or
+      per-block codes); 4 bits: uint8 bytes holding two codes each, shape
+      ``(..., ceil(m / 2))``, entry ``2i`` in the low nibble.
+    scales: float32 absmax of each block, shape ``(..., ceil(m / block))``;
+      negative for a block in unsigned codes when ``format.signed`` is None.
+    format: a :class:`QuantizedFormat` (bits, block size, maps, shape and
+      dtype of the float array); static.
   """
 
   codes: jax.Array
   scales: jax.Array
+  format: QuantizedFormat | None = None
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The shape of the float array (not of the codes)."""
+    return tuple(self.format.shape)
+
+  @property
+  def dtype(self) -> Any:
+    """The dtype of the float array."""
+    return jnp.dtype(self.format.dtype)
 
 
 def is_quantized(x: Any) -> bool:
@@ -86,7 +140,8 @@ def make_quantizer(bits: int | None, block_size: int | None = None,
                    code_map: str | None = None,
                    stochastic_rounding: bool = False,
                    min_size: int | None = None,
-                   signed: bool = True) -> Quantizer | None:
+                   signed: bool | None = True,
+                   unsigned_map: str = 'sqrt') -> Quantizer | None:
   """The :class:`Quantizer` of the public keywords (validated by the caller),
   their ``None`` replaced by the defaults of ``bits``; None without bits."""
   if bits is None:
@@ -99,7 +154,32 @@ def make_quantizer(bits: int | None, block_size: int | None = None,
       code_map=DEFAULT_CODE_MAP[bits] if code_map is None else code_map,
       stochastic_rounding=bool(stochastic_rounding),
       min_size=int(DEFAULT_MIN_SIZE if min_size is None else min_size),
-      signed=signed)
+      signed=signed, unsigned_map=unsigned_map)
+
+
+def _to_levels(u: jax.Array, code_map: str, bits: int,
+               signed: bool) -> jax.Array:
+  """``u ∈ [-1, 1]`` to the real-valued code axis ``[-L, L]`` (unsigned:
+  ``u ∈ [0, 1]`` to ``[-1, L]``, code ``c`` standing for ``c + 1``)."""
+  if not signed:
+    if code_map == 'sqrt':
+      u = jnp.sqrt(u)
+    return u * 2**bits - 1
+  if code_map == 'sqrt':
+    u = jnp.sign(u) * jnp.sqrt(jnp.abs(u))
+  return u * (2**(bits - 1) - 1)
+
+
+def _from_levels(c: jax.Array, code_map: str, bits: int,
+                 signed: bool) -> jax.Array:
+  """Codes (as floats) back to ``u ∈ [-1, 1]`` (unsigned: ``(0, 1]``)."""
+  if not signed:
+    u = (c + 1) / 2**bits
+    return u * u if code_map == 'sqrt' else u
+  u = c / (2**(bits - 1) - 1)
+  if code_map == 'sqrt':
+    u = jnp.sign(u) * u * u
+  return u
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +194,11 @@ class Quantizer:
     stochastic_rounding: round to a neighbouring code at random, unbiased in
       value, instead of to the nearest code.
     min_size: arrays with fewer entries (and scalars) stay in float.
-    signed: codes in ``[-L, L]`` for any sign (the default), or unsigned
-      codes that exclude zero, for non-negative states.
+    signed: codes in ``[-L, L]`` for any sign (True, the default); unsigned
+      codes that exclude zero, for non-negative states (False); or per block
+      (None): a block without negative entries in unsigned codes
+      (``unsigned_map``), marked by a negative scale, the others signed.
+    unsigned_map: the map of unsigned blocks when ``signed`` is None.
   """
 
   bits: int
@@ -123,7 +206,15 @@ class Quantizer:
   code_map: str
   stochastic_rounding: bool
   min_size: int
-  signed: bool = True
+  signed: bool | None = True
+  unsigned_map: str = 'sqrt'
+
+  @classmethod
+  def of(cls, fmt: QuantizedFormat) -> 'Quantizer':
+    """The quantizer that decodes (and re-encodes) arrays of ``fmt``."""
+    return cls(bits=fmt.bits, block_size=fmt.block_size,
+               code_map=fmt.code_map, stochastic_rounding=False, min_size=0,
+               signed=fmt.signed, unsigned_map=fmt.unsigned_map)
 
   @property
   def levels(self) -> int:
@@ -132,9 +223,9 @@ class Quantizer:
 
   @property
   def _code_dtype(self) -> Any:
-    if self.bits == 4:
+    if self.bits == 4 or not self.signed:
       return jnp.uint8
-    return jnp.int8 if self.signed else jnp.uint8
+    return jnp.int8
 
   def quantizes(self, shape: tuple[int, ...]) -> bool:
     """Whether an array of this shape is quantized (else kept in float)."""
@@ -142,6 +233,12 @@ class Quantizer:
 
   def _block(self, m: int) -> int:
     return max(1, min(self.block_size, m))
+
+  def format(self, shape: tuple[int, ...], dtype: Any) -> QuantizedFormat:
+    """The static description of an array of ``shape`` and ``dtype``."""
+    return QuantizedFormat(self.bits, self.block_size, self.code_map,
+                           self.signed, tuple(int(n) for n in shape),
+                           jnp.dtype(dtype).name, self.unsigned_map)
 
   def shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     """The shapes of the codes and of the scales of an array of ``shape``."""
@@ -154,34 +251,28 @@ class Quantizer:
     codes, scales = self.shapes(shape)
     return math.prod(codes) + 4 * math.prod(scales)
 
-  def zeros(self, shape: tuple[int, ...], zeros: Any) -> QuantizedArray:
+  def zeros(self, shape: tuple[int, ...], zeros: Any,
+            dtype: Any = jnp.float32) -> QuantizedArray:
     """Codes and scales of zeros; ``zeros(shape, dtype)`` makes each array
     (so that the caller can shard them)."""
     codes, scales = self.shapes(shape)
     return QuantizedArray(zeros(codes, self._code_dtype),
-                          zeros(scales, jnp.float32))
+                          zeros(scales, jnp.float32),
+                          self.format(shape, dtype))
 
   # --- the code map ---------------------------------------------------------
-  def _to_levels(self, u: jax.Array) -> jax.Array:
-    """``u ∈ [-1, 1]`` to the real-valued code axis ``[-L, L]`` (unsigned:
-    ``u ∈ [0, 1]`` to ``[-1, L]``, code ``c`` standing for ``c + 1``)."""
-    if not self.signed:
-      if self.code_map == 'sqrt':
-        u = jnp.sqrt(u)
-      return u * (self.levels + 1) - 1
-    if self.code_map == 'sqrt':
-      u = jnp.sign(u) * jnp.sqrt(jnp.abs(u))
-    return u * self.levels
+  def _to_levels(self, u: jax.Array, signed: bool | None = None) -> jax.Array:
+    signed = self.signed if signed is None else signed
+    code_map = (self.unsigned_map if not signed and self.signed is None
+                else self.code_map)
+    return _to_levels(u, code_map, self.bits, signed)
 
-  def _from_levels(self, c: jax.Array) -> jax.Array:
-    """Codes (as floats) back to ``u ∈ [-1, 1]`` (unsigned: ``(0, 1]``)."""
-    if not self.signed:
-      u = (c + 1) / (self.levels + 1)
-      return u * u if self.code_map == 'sqrt' else u
-    u = c / self.levels
-    if self.code_map == 'sqrt':
-      u = jnp.sign(u) * u * u
-    return u
+  def _from_levels(self, c: jax.Array,
+                   signed: bool | None = None) -> jax.Array:
+    signed = self.signed if signed is None else signed
+    code_map = (self.unsigned_map if not signed and self.signed is None
+                else self.code_map)
+    return _from_levels(c, code_map, self.bits, signed)
 
   # --- blocks along the last axis --------------------------------------------
   def _blocks(self, x: jax.Array) -> jax.Array:
@@ -199,11 +290,13 @@ class Quantizer:
     x = xb.reshape(*lead, nb * block)
     return x if nb * block == m else x[..., :m]
 
-  def encode(self, x: jax.Array, key: jax.Array | None = None
-            ) -> QuantizedArray:
+  def encode(self, x: jax.Array, key: jax.Array | None = None,
+             dtype: Any = None) -> QuantizedArray:
     """Quantizes ``x`` (float, ``(..., m)``); ``key`` (a typed key) draws the
-    stochastic-rounding noise and is required with ``stochastic_rounding``."""
+    stochastic-rounding noise and is required with ``stochastic_rounding``;
+    ``dtype`` (default ``x``'s) is the dtype the codes decode to."""
     m = x.shape[-1]
+    fmt = self.format(x.shape, x.dtype if dtype is None else dtype)
     xb = self._blocks(x.astype(jnp.float32))
     # A NaN counts as an infinite magnitude (XLA's max may drop a NaN): a
     # block holding a NaN or an Inf gets an infinite scale and decodes to
@@ -213,6 +306,8 @@ class Quantizer:
     scales = jnp.max(jnp.where(jnp.isnan(xb), jnp.inf, jnp.abs(xb)), axis=-1)
     # A zero block keeps scale 0 and codes 0: nothing is divided by zero.
     safe = jnp.where(scales > 0, scales, 1.0)
+    if self.signed is None:
+      return self._encode_per_block(xb, scales, safe, m, fmt)
     u = jnp.clip(xb / safe[..., None], -1.0 if self.signed else 0.0, 1.0)
     y = self._to_levels(u)
     if self.stochastic_rounding:
@@ -237,16 +332,62 @@ class Quantizer:
         jnp.int8 if self.bits == 4 else self._code_dtype)
     if self.bits == 4:
       codes = _pack(codes)
-    return QuantizedArray(codes, scales)
+    return QuantizedArray(codes, scales, fmt)
 
-  def decode(self, q: QuantizedArray, shape: tuple[int, ...],
-             dtype: Any = jnp.float32) -> jax.Array:
-    """The float array ``q`` stands for, of ``shape``, in ``dtype``."""
+  def _encode_per_block(self, xb, scales, safe, m, fmt) -> QuantizedArray:
+    """``signed=None``: a block with a positive and no negative entry in
+    unsigned codes (its scale negated), any other block in signed codes.
+    Codes are stored as unsigned bytes (a signed code as two's complement)."""
+    if self.stochastic_rounding:
+      raise ValueError('stochastic rounding needs signed or unsigned codes')
+    nonneg = (jnp.min(xb, axis=-1) >= 0) & (scales > 0) & jnp.isfinite(scales)
+    u = jnp.clip(xb / safe[..., None], -1.0, 1.0)
+    unsigned = jnp.clip(jnp.round(self._to_levels(jnp.maximum(u, 0.0),
+                                                  signed=False)),
+                        0, 2**self.bits - 1)
+    l_signed = 2**(self.bits - 1) - 1
+    signed = jnp.clip(jnp.round(self._to_levels(u, signed=True)), -l_signed,
+                      l_signed)
+    codes = jnp.where(nonneg[..., None], unsigned, signed)
+    codes = self._unblocks(codes, m).astype(jnp.int32)
+    if self.bits == 4:
+      codes = _pack(codes)
+    else:
+      codes = (codes & 0xFF).astype(jnp.uint8)
+    return QuantizedArray(codes, jnp.where(nonneg, -scales, scales), fmt)
+
+  def decode(self, q: QuantizedArray, shape: tuple[int, ...] | None = None,
+             dtype: Any = None) -> jax.Array:
+    """The float array ``q`` stands for, of ``shape``, in ``dtype``
+    (default: those of ``q.format``)."""
+    if shape is None:
+      shape = q.format.shape
+    if dtype is None:
+      dtype = q.format.dtype if q.format is not None else jnp.float32
     m = shape[-1]
+    if self.signed is None:
+      raw = q.codes if self.bits == 8 else _unpack(q.codes, m, False)
+      c_u = self._blocks(raw.astype(jnp.float32))
+      c_s = self._blocks(
+          (raw.astype(jnp.int8) if self.bits == 8 else
+           (raw.astype(jnp.int8) ^ 8) - 8).astype(jnp.float32))
+      s = q.scales[..., None]
+      u = jnp.where(s < 0, self._from_levels(c_u, signed=False),
+                    self._from_levels(c_s, signed=True))
+      return self._unblocks(u * jnp.abs(s), m).astype(dtype)
     codes = q.codes if self.bits == 8 else _unpack(q.codes, m, self.signed)
     u = self._from_levels(self._blocks(codes.astype(jnp.float32)))
     x = self._unblocks(u * q.scales[..., None], m)
     return x.astype(dtype)
+
+
+def decode(q: QuantizedArray) -> jax.Array:
+  """The float array a :class:`QuantizedArray` stands for, from its format."""
+  if q.format is None:
+    raise ValueError('this QuantizedArray has no format (written by '
+                     'flora_optax < 0.4): decode it with the optimizer that '
+                     'wrote it.')
+  return Quantizer.of(q.format).decode(q)
 
 
 def chains_leaves() -> bool:
@@ -275,7 +416,7 @@ def after(prev: QuantizedArray, q: QuantizedArray) -> QuantizedArray:
   s = prev.scales.reshape(-1)[:1]
   zero = (jnp.where(jnp.isfinite(s), s, 0.0) * 0.0).reshape(
       (1,) * q.scales.ndim)
-  return QuantizedArray(q.codes, q.scales + zero)
+  return q._replace(scales=q.scales + zero)
 
 
 def _pack(codes: jax.Array) -> jax.Array:

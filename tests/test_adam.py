@@ -199,7 +199,7 @@ def test_state_bytes_packed_and_against_optax(bits, limit):
   q = make_quantizer(bits)
   for moment in (state.mu['w'], state.nu['w']):
     assert moment.codes.shape == ((768, 3072) if bits == 8 else (768, 1536))
-    assert sum(a.size * a.dtype.itemsize for a in moment) == q.nbytes(
+    assert sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(moment)) == q.nbytes(
         (768, 3072))
   ref = jax.eval_shape(optax.adamw(1e-3).init, params)
   nbytes = lambda s: sum(x.size * x.dtype.itemsize  # noqa: E731

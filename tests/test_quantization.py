@@ -155,7 +155,7 @@ def test_state_bytes_of_a_gpt2_mlp_matrix(bits, limit):
   params = {'w': jax.ShapeDtypeStruct((768, 3072), jnp.float32)}
   tx = flora_optax.compressed_momentum(None, bits=bits)
   mu = jax.eval_shape(tx.init, params).mu['w']
-  nbytes = sum(a.size * a.dtype.itemsize for a in mu)
+  nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(mu))
   q = make_quantizer(bits)
   assert nbytes == q.nbytes((768, 3072))
   block = q.block_size
