@@ -25,6 +25,10 @@ from flora_optax._momentum import compressed_momentum as compressed_momentum
 from flora_optax._projection import LeafPlan as LeafPlan
 from flora_optax._projector import Projector as Projector
 from flora_optax._quantization import QuantizedArray as QuantizedArray
+from flora_optax._quantization import QuantizedFormat as QuantizedFormat
+from flora_optax._quantized import from_float_state as from_float_state
+from flora_optax._quantized import quantized as quantized
+from flora_optax._quantized import to_float_state as to_float_state
 from flora_optax._types import DimensionNumbers as DimensionNumbers
 from flora_optax._sharding import state_shardings as state_shardings
 
@@ -38,6 +42,7 @@ __all__ = [
     'MultiStepsState',
     'Projector',
     'QuantizedArray',
+    'QuantizedFormat',
     'ScaleByAdamState',
     'TransferStabilityWarning',
     'accumulate_gradients',
@@ -45,6 +50,9 @@ __all__ = [
     'compressed_momentum',
     'cycle_key',
     'flora',
+    'from_float_state',
+    'quantized',
     'scale_by_adam',
     'state_shardings',
+    'to_float_state',
 ]

@@ -92,3 +92,34 @@ def fit_metadata(params: Any, tree: Any, plans: Any = None) -> Any:
   if plans is None:
     return jax.tree.map(fit, params, tree, is_leaf=is_var)
   return jax.tree.map(fit, params, tree, plans, is_leaf=is_var)
+
+
+def quantized_outside(tree: Any) -> Any:
+  """``tree`` with each NNX Variable that holds a :class:`QuantizedArray`
+  turned inside out: a QuantizedArray whose codes and scales are Variables
+  of that type, with its metadata (sharding names that do not divide an
+  axis of the codes or scales dropped), as ``nnx.Optimizer`` keeps array
+  leaves in Variables. Without Flax NNX in use, ``tree`` unchanged."""
+  variable = _variable_type()
+  if variable is None:
+    return tree
+  mesh = jax.sharding.get_abstract_mesh()
+  axis_sizes = ({} if mesh.empty else
+                dict(zip(mesh.axis_names, mesh.axis_sizes)))
+
+  def wrap(var, value):
+    metadata = dict(var.get_metadata())
+    for k in _SHARDING_KEYS:
+      names = metadata.get(k)
+      if isinstance(names, (tuple, list)):
+        metadata[k] = _sharding.fit_names(tuple(names), np.shape(value),
+                                          axis_sizes)
+    return type(var)(value, **metadata)
+
+  def fix(x):
+    if isinstance(x, variable) and isinstance(x.get_value(), QuantizedArray):
+      q = x.get_value()
+      return q._replace(codes=wrap(x, q.codes), scales=wrap(x, q.scales))
+    return x
+
+  return jax.tree.map(fix, tree, is_leaf=lambda x: isinstance(x, variable))

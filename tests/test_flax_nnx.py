@@ -55,6 +55,9 @@ _QUANTIZED = {'flora8': dict(rank=None, bits=8),
 
 @functools.cache
 def _tx(kind):
+  if kind == 'quantized':
+    return flora_optax.quantized(optax.adamw(3e-2), bits=8, block_size=4,
+                                 min_quantized_size=0)
   if kind in _QUANTIZED:
     return flora_optax.flora(3e-2, resample_every=3, min_dim_size_to_factor=4,
                              multiply_by_parameter_scale=False, block_size=4,
@@ -113,14 +116,18 @@ def _mu(opt_state, kind):
   return optax.tree.get(inner, 'mu')
 
 
-@pytest.mark.parametrize('kind', ['flora', 'multisteps'])
+@pytest.mark.parametrize('kind', ['flora', 'multisteps', 'quantized'])
 def test_nnx_optimizer_matches_a_plain_optax_loop(kind):
   tx = _tx(kind)
   model = MLP(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   mu = _mu(optimizer.opt_state, kind)
-  assert mu['l1']['kernel'].shape == (RANK, 16)
-  assert mu['l2']['kernel'].shape == (16, RANK)
+  if kind == 'quantized':  # any optax optimizer, its moments in codes
+    assert isinstance(mu['l1']['kernel'], flora_optax.QuantizedArray)
+    assert mu['l1']['kernel'].codes.shape == (8, 16)
+  else:
+    assert mu['l1']['kernel'].shape == (RANK, 16)
+    assert mu['l2']['kernel'].shape == (16, RANK)
   params = _train_nnx(model, optimizer, STEPS)
   ref_params, ref_state = _train_optax(kind)
   chex.assert_trees_all_equal(params, ref_params)
@@ -168,7 +175,7 @@ def test_with_partitioning_shards_sketches_on_their_kept_axis(kind, axis_type):
   chex.assert_trees_all_close(params, ref_params, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('kind', list(_QUANTIZED))
+@pytest.mark.parametrize('kind', [*_QUANTIZED, 'quantized'])
 def test_quantized_states_keep_sharding_metadata(kind):
   # Codes and block scales have the state's axes: each gets the sharding
   # names of what it stores (the param's, or the sketch's), applied eagerly.
@@ -177,12 +184,14 @@ def test_quantized_states_keep_sharding_metadata(kind):
     optimizer = nnx.Optimizer(model, _tx(kind), wrt=nnx.Param)
     q = _mu(optimizer.opt_state, kind)['l1']['kernel']
     assert isinstance(q, flora_optax.QuantizedArray)
-    names = ('a', 'b') if kind == 'flora8' else (None, 'b')
-    for part in q:
+    names = ('a', 'b') if kind != 'flora4_sketch' else (None, 'b')
+    for part in (q.codes, q.scales):
       assert part.get_metadata()['out_sharding'] == names
       assert _spec(part) == names
     if kind == 'flora8':
       assert q.codes.shape == (8, 16) and q.codes[...].dtype == jnp.int8
+    elif kind == 'quantized':  # per-block signedness: bytes
+      assert q.codes.shape == (8, 16) and q.codes[...].dtype == jnp.uint8
     else:
       assert q.codes.shape == (RANK, 8) and q.codes[...].dtype == jnp.uint8
     params = _train_nnx(model, optimizer, STEPS)

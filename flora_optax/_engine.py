@@ -1,0 +1,226 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
+"""Any leaf-separable optax transformation, run one parameter leaf at a time.
+
+:func:`flora_optax.quantized` stores some state leaves of an arbitrary inner
+transformation in codes. To keep one leaf's float copy alive at a time it
+loads leaf ``k``'s state, runs the inner's update on leaf ``k`` alone, stores
+the result, and orders leaf ``k + 1``'s loading after it. "Leaf ``k`` alone"
+is optax's own convention for absent leaves: the updates, params and the
+inner's state with ``None`` in place of every other parameter leaf.
+
+Which state leaves belong to which parameter is read off the inner's own
+``init``, not guessed from the state's shapes or field names: a state leaf
+belongs to parameter ``k`` if ``init`` of the params with only leaf ``k``
+present makes it and ``init`` with no leaf present does not (the latter are
+shared: a step count, injected hyperparameters). Whether the update is
+separable at all is read off its jaxpr (:mod:`flora_optax._separable`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flora_optax import _checks
+from flora_optax import _nnx
+from flora_optax import _separable
+from flora_optax._types import KeyPath
+
+
+def _is_param_leaf(x: Any) -> bool:
+  """Parameter leaves: arrays, or Flax NNX Variables as a whole."""
+  variable = _nnx._variable_type()  # pylint: disable=protected-access
+  return variable is not None and isinstance(x, variable)
+
+
+def _shape_of(x: Any) -> Any:
+  """A leaf (array or NNX Variable) as its shape and dtype, sharding kept."""
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a),
+                                     sharding=getattr(a, 'sharding', None)
+                                     if isinstance(a, jax.Array) and
+                                     not isinstance(a, jax.core.Tracer)
+                                     else None), x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Which state leaves belong to which parameter leaf (static).
+
+  Attributes:
+    treedef: the params' structure (NNX Variables as leaves).
+    param_paths: per parameter leaf its key path.
+    param_shapes: per parameter leaf its array's shape.
+    state_treedef: the structure of the inner's state (array leaves).
+    state_paths: per state leaf its key path.
+    owner: per state leaf the index of its parameter leaf, or -1 if shared.
+    calls: per parameter leaf, the structure of its one-leaf state and the
+      indices of the state leaves it holds (its own and the shared ones).
+  """
+
+  treedef: Any
+  param_paths: tuple[KeyPath, ...]
+  param_shapes: tuple[tuple[int, ...], ...]
+  state_treedef: Any
+  state_paths: tuple[KeyPath, ...]
+  owner: tuple[int, ...]
+  calls: tuple[tuple[Any, tuple[int, ...]], ...]
+
+  def restrict(self, tree: Any, k: int) -> Any:
+    """``tree`` (params-shaped) with ``None`` in place of all leaves but
+    ``k``; ``None`` stays ``None``."""
+    if tree is None:
+      return None
+    leaves = self.treedef.flatten_up_to(tree)
+    return self.treedef.unflatten(
+        [x if i == k else None for i, x in enumerate(leaves)])
+
+
+def _flat_with_paths(tree: Any) -> tuple[list[tuple[KeyPath, Any]], Any]:
+  return jax.tree_util.tree_flatten_with_path(tree)
+
+
+def layout_of(init: Callable[[Any], Any], params: Any) -> Layout:
+  """The :class:`Layout` of ``init``'s state for ``params`` (traced only)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_is_param_leaf)
+  like = treedef.unflatten([_shape_of(x) for _, x in flat])
+  n = len(flat)
+
+  def restrict(k):
+    return treedef.unflatten([x if i == k else None for i, x in
+                              enumerate(treedef.flatten_up_to(like))])
+
+  full, state_treedef = _flat_with_paths(jax.eval_shape(init, like))
+  index = {path: i for i, (path, _) in enumerate(full)}
+  shared = {path for path, _ in _flat_with_paths(
+      jax.eval_shape(init, restrict(-1)))[0]}
+  owner = [-1] * len(full)
+  calls = []
+  for k in range(n):
+    leaves, treedef_k = _flat_with_paths(jax.eval_shape(init, restrict(k)))
+    indices = []
+    for path, _ in leaves:
+      if path not in index:
+        raise ValueError(
+            'quantized: the inner transformation\'s state for parameter '
+            f'{_checks.leaf_name(flat[k][0])} alone has a leaf '
+            f'{_checks.leaf_name(path)} that its state for all parameters '
+            'lacks: its state is not separable over parameter leaves.')
+      i = index[path]
+      if path not in shared:
+        if owner[i] not in (-1, k):
+          raise ValueError(
+              f'quantized: the inner transformation\'s state leaf '
+              f'{_checks.leaf_name(path)} belongs to parameters '
+              f'{_checks.leaf_name(flat[owner[i]][0])} and '
+              f'{_checks.leaf_name(flat[k][0])}: it couples leaves, which '
+              'quantized does not support (its state must be separable over '
+              'parameter leaves).')
+        owner[i] = k
+      indices.append(i)
+    calls.append((treedef_k, tuple(indices)))
+  for i, (path, _) in enumerate(full):
+    if owner[i] == -1 and path not in shared:
+      raise ValueError(
+          f'quantized: the inner transformation\'s state leaf '
+          f'{_checks.leaf_name(path)} is made by no single parameter: its '
+          'state is not separable over parameter leaves.')
+  return Layout(treedef, tuple(p for p, _ in flat),
+                tuple(tuple(jnp.shape(x)) for _, x in flat), state_treedef,
+                tuple(p for p, _ in full), tuple(owner), tuple(calls))
+
+
+def check_separable(update: Callable[..., Any], layout: Layout,
+                    updates: Any, state: Any, params: Any,
+                    extra_args: dict[str, Any]) -> None:
+  """Raises a ``ValueError`` if ``update``'s outputs for one parameter leaf
+  depend on another leaf's gradient, parameter or state (e.g.
+  ``optax.clip_by_global_norm``), or a shared state leaf on any leaf's."""
+  n = len(layout.param_paths)
+  bit = lambda k: 0 if k < 0 else 1 << k  # noqa: E731
+  g = [bit(k) for k in range(n)]
+  s = [bit(k) for k in layout.owner]
+  p = g if params is not None else []
+  args = (updates, layout.state_treedef.unflatten(
+      jax.tree.leaves(state)), params)
+  # Extra args (e.g. ``value``) are shared: label 0.
+  extra = [0] * len(jax.tree.leaves(extra_args))
+  outs = _separable.output_labels(
+      lambda u, st, pa, ex: update(u, st, pa, **ex), (*args, extra_args),
+      g + s + p + extra)
+  out_updates, out_state = outs[:n], outs[n:]
+
+  def others(mask, k):
+    return [layout.param_paths[j] for j in range(n)
+            if mask >> j & 1 and j != k]
+
+  for k, mask in enumerate(out_updates):
+    if others(mask, k):
+      raise ValueError(
+          'quantized: the inner transformation couples parameter leaves: '
+          f'its update of {_checks.leaf_name(layout.param_paths[k])} depends '
+          'on ' + ', '.join(_checks.leaf_name(q) for q in others(mask, k)[:3])
+          + ' (e.g. a global norm, as in optax.clip_by_global_norm). Put such '
+          'transformations outside quantized, e.g. optax.chain('
+          'optax.clip_by_global_norm(1.0), quantized(optax.adam(1e-3))).')
+  for i, (mask, k) in enumerate(zip(out_state, layout.owner)):
+    if others(mask, k):
+      raise ValueError(
+          'quantized: the inner transformation couples parameter leaves: '
+          f'its state leaf {_checks.leaf_name(layout.state_paths[i])} depends '
+          'on ' + ', '.join(_checks.leaf_name(q) for q in others(mask, k)[:3])
+          + '. quantized runs only transformations whose update is separable '
+          'over parameter leaves.')
+
+
+def run(update: Callable[..., Any], layout: Layout, updates: Any,
+        stored: Sequence[Any], params: Any, extra_args: dict[str, Any],
+        load: Callable[[int, Any, Any], Any],
+        store: Callable[[int, Any], Any]) -> tuple[Any, list[Any]]:
+  """The inner ``update`` applied one parameter leaf at a time.
+
+  Args:
+    update: the inner transformation's update function.
+    layout: the state's :class:`Layout`.
+    updates: the gradients (params-shaped).
+    stored: the stored state's leaves, in the order of
+      ``layout.state_treedef``.
+    params: the params or None.
+    extra_args: passed to every call of ``update``.
+    load: ``(i, stored_leaf, prev) -> float leaf``: state leaf ``i`` for the
+      inner, computed after ``prev`` (the last leaf stored, or None).
+    store: ``(i, float_leaf) -> stored leaf``.
+
+  Returns:
+    The new updates and the new stored state's leaves.
+  """
+  new: list[Any] = [None] * len(stored)
+  outs, prev = [], None
+  done_shared = False
+  for k, (treedef_k, indices) in enumerate(layout.calls):
+    state_k = treedef_k.unflatten(
+        [load(i, stored[i], prev) if layout.owner[i] == k else stored[i]
+         for i in indices])
+    upd_k, new_k = update(layout.restrict(updates, k), state_k,
+                          layout.restrict(params, k), **extra_args)
+    new_leaves = treedef_k.flatten_up_to(new_k)
+    for i, value in zip(indices, new_leaves):
+      if layout.owner[i] == k:
+        new[i] = store(i, value)
+        prev = new[i]
+      elif not done_shared:  # the same in every call: taken from the first
+        new[i] = value
+    done_shared = True
+    outs.append(layout.treedef.flatten_up_to(upd_k)[k])
+  if not layout.calls:  # no parameter leaves: one call does it all
+    out, new_state = update(updates, layout.state_treedef.unflatten(stored),
+                            params, **extra_args)
+    return out, layout.state_treedef.flatten_up_to(new_state)
+  return layout.treedef.unflatten(outs), new
