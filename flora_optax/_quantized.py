@@ -95,7 +95,7 @@ def quantized(
     >>> mu['w'].codes.dtype, mu['w'].codes.shape, mu['b'].dtype
     (dtype('uint8'), (256, 512), dtype('float32'))
     >>> updates, state = jax.jit(tx.update)(params, state, params)
-    >>> flora_optax.to_float_state(state).mu['w'].dtype
+    >>> optax.tree.get(flora_optax.to_float_state(state), 'mu')['w'].dtype
     dtype('float32')
 
     A transformation that couples leaves is refused when it is initialized:
@@ -250,7 +250,7 @@ def from_float_state(float_state: Any, like: Any) -> Any:
     >>> float_state = optax.adam(1e-3).init(params)
     >>> tx = flora_optax.quantized(optax.adam(1e-3), bits=4)
     >>> state = flora_optax.from_float_state(float_state, tx.init(params))
-    >>> state.mu['w'].format.bits
+    >>> optax.tree.get(state, 'mu')['w'].format.bits
     4
   """
   treedef = jax.tree.structure(like, is_leaf=is_quantized)
