@@ -422,3 +422,32 @@ def test_compiled_peak_is_leaf_by_leaf():
   assert temp < 3 * one_leaf_moments, temp / one_leaf_moments
   float_state_bytes = 8 * one_leaf_moments
   assert temp < float_state_bytes / 2
+
+
+def test_a_0_3_0_orbax_checkpoint_restores(tmp_path):
+  # 0.3.0's QuantizedArray had two fields (codes, scales) and no format.
+  ocp = pytest.importorskip('orbax.checkpoint')
+  from typing import NamedTuple  # noqa: I001
+
+  class OldQuantizedArray(NamedTuple):
+    codes: jax.Array
+    scales: jax.Array
+
+  tx = flora_optax.compressed_momentum(None, bits=8, min_quantized_size=0)
+  params = _params()
+  _, state = _train(tx, steps=2)
+  old = jax.tree.map(lambda q: OldQuantizedArray(q.codes, q.scales)
+                     if is_q(q) else q, state,
+                     is_leaf=is_q)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / 'old', old)
+    ckpt.wait_until_finished()
+    # The README's recipe: restore into the new state's codes and scales
+    # without their formats, then put each leaf's format back.
+    like = tx.init(params)
+    bare = jax.tree.map(lambda q: {'codes': q.codes, 'scales': q.scales}
+                        if is_q(q) else q, like, is_leaf=is_q)
+    restored = ckpt.restore(tmp_path / 'old', bare)
+  restored = jax.tree.map(lambda q, r: q._replace(**r) if is_q(q) else r,
+                          like, restored, is_leaf=is_q)
+  chex.assert_trees_all_equal(restored, state)
