@@ -8,9 +8,13 @@ momentum in the paper's position, residual momentum in optax's. Otherwise the
 study's non-default rows would not measure what they claim to.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import optax.contrib
 import pytest
 
 import flora_optax
@@ -32,9 +36,9 @@ def _params():
           'b': jax.random.normal(k[3], (40,))}
 
 
-def _run(tx, params, steps=5):
+def _run(tx, params, steps=5, jit=True):
   state = tx.init(params)
-  update = jax.jit(tx.update)
+  update = jax.jit(tx.update) if jit else tx.update
   out = []
   for i in range(steps):
     grads = jax.tree.map(
@@ -74,3 +78,54 @@ def test_study_rows_use_flora_or_the_chain():
   # Factored second moment, momentum, clipping, learning rate, sign flip
   # (the study's Adafactor has no parameter scale).
   assert len(other.init(_params())) == 5
+
+
+def test_other_optimizer_rows_build_float_and_quantized():
+  """Issue 28's rows: the float ones are the inner optimizer itself, the
+  quantized ones hold their large state leaves as QuantizedArray."""
+  vs = variants.variants()
+  inner = {'muon': lambda lr: optax.contrib.muon(lr), 'lion': optax.lion,
+           'ademamix': optax.contrib.ademamix,
+           'sgd_momentum': lambda lr: optax.sgd(lr, momentum=0.9)}
+  bits = {'muon': (8, 4), 'lion': (8, 4), 'ademamix': (8,),
+          'sgd_momentum': (8,)}
+  names = {n for n, v in vs.items() if v.named_only}
+  assert names == {f'{n}_{b}bit' for n in bits for b in bits[n]} | set(bits)
+  # 4096 entries: quantized (min_quantized_size); the vector stays float.
+  params = {'w': jnp.linspace(-1.0, 1.0, 64 * 64).reshape(64, 64),
+            'b': jnp.linspace(0.0, 1.0, 64)}
+  is_q = lambda x: isinstance(x, flora_optax.QuantizedArray)  # noqa: E731
+  for name, make_inner in inner.items():
+    v = vs[name]
+    assert not v.ranked and not v.ablation
+    assert math.log2(v.lr_factor) == round(math.log2(v.lr_factor))
+    # Float: the inner optimizer's own updates and state, bit for bit.
+    (got, got_state), (want, want_state) = (
+        _run(v.make(1e-2, None, 0, 10), params, steps=1),
+        _run(make_inner(1e-2), params, steps=1))
+    for g, w in zip(got, want):
+      jax.tree.map(np.testing.assert_array_equal, g, w)
+    jax.tree.map(np.testing.assert_array_equal, got_state, want_state)
+    assert not any(map(is_q, jax.tree.leaves(got_state, is_leaf=is_q)))
+    for b in bits[name]:
+      q = vs[f'{name}_{b}bit']
+      assert q.lr_factor == v.lr_factor and q.named_only
+      # Eager: quantized runs one small leaf at a time, faster than a
+      # compile here.
+      updates, state = _run(q.make(1e-2, None, 0, 10), params, steps=1,
+                            jit=False)
+      codes = [x for x in jax.tree.leaves(state, is_leaf=is_q) if is_q(x)]
+      assert codes and all(x.format.bits == b for x in codes), name
+      assert all(np.isfinite(x).all() for u in updates
+                 for x in jax.tree.leaves(u))
+
+
+def test_other_optimizer_rows_run_only_when_named():
+  from benchmarks.quality import cli  # pylint: disable=g-import-not-at-top
+  vs = variants.variants()
+  full = cli.parse_args([]).variants
+  assert not any(vs[n].named_only for n in full)
+  named = cli.parse_args(['--variants', 'lion,lion_8bit']).variants
+  assert named == ['lion', 'lion_8bit']
+  with pytest.raises(ValueError, match='power of two'):
+    variants.Variant('x', 'x', None, ranked=False, lr_factor=3.0)

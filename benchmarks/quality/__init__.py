@@ -25,7 +25,12 @@ sketch in 8-bit codes, bf16 momentum, ``optax.adamw`` and
 ``flora_optax.adamw(bits=8 / 4)``, and the SVD-subspace peer
 ``optax.contrib.galore`` (Adam, or the study's Adafactor momentum, in its
 subspace) at the same rank. Rows marked ``ablation`` (those that settled a
-default) run only when named or with ``--ablations``.
+default) run only when named or with ``--ablations``. Other optimizers
+(issue 28) each come float and wrapped by ``flora_optax.quantized`` (8-bit,
+and 4-bit for Muon and Lion): ``optax.contrib.muon``, ``optax.lion``,
+``optax.contrib.ademamix`` and ``optax.sgd`` with momentum 0.9. They run
+only when named (``--variants muon,muon_8bit,...``), outside the full run's
+time, each first measured around its task's centre times its ``lr_factor``.
 
 Tasks: ``lm`` (a 1-layer byte GPT, where momentum does not help),
 ``lm_deep`` (2 layers, longer windows, more tokens: momentum clearly helps),
@@ -42,7 +47,7 @@ at its best learning rate by mean final (held-out) loss; when the best is at
 an edge of the grid, the grid is extended on that side. Each row's grid is
 centred on its best learning rate in the committed results (``--centres``),
 so the full run seldom extends; a row measured for the first time starts at
-its task's centre. Results go to
+its task's centre (times its ``lr_factor``). Results go to
 ``benchmarks/results/quality.{json,md,png}``, merged into an earlier JSON so
 that parts can be rerun::
 

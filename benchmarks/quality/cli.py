@@ -47,10 +47,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--tasks', help=f'comma-separated, from {",".join(TASKS)}')
   p.add_argument('--variants', help='comma-separated, from '
                  f'{",".join(runnable())} or default (the library\'s); '
-                 'default: every row but the ablations')
+                 'default: every row but the ablations and the other '
+                 'optimizers (muon*, lion*, ademamix*, sgd_momentum*: run '
+                 'when named)')
   p.add_argument('--ablations', action='store_true',
                  help='the ablation rows too (those that settled a default: '
-                 'code maps, block sizes, rounding, momentum positions)')
+                 'code maps, block sizes, rounding, momentum positions), and '
+                 'the rows otherwise run only when named (other optimizers '
+                 'with quantized states): every row')
   p.add_argument('--ratios', help='comma-separated d/r (default: Flora\'s '
                  'default, its paper mode and LoRA at each task\'s, 2,4,8 '
                  'on the small tasks and 4 on the language models; every '
@@ -96,7 +100,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   # too); the full run keeps those to the tasks that have them.
   args.named = args.variants is not None
   args.variants = _csv(args.variants) or quick.get('variants', [
-      n for n, v in runnable().items() if args.ablations or not v.ablation])
+      n for n, v in runnable().items()
+      if args.ablations or not (v.ablation or v.named_only)])
   args.seeds = _csv(args.seeds, int) or quick.get('seeds', [0, 1, 2])
   args.lrs = _csv(args.lrs, float) or list(LR_FACTORS)
   args.ratios = _csv(args.ratios, int) or quick.get('ratios')
@@ -269,11 +274,17 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     for v, ratio in _work(task, args):
       if _skip(task, v, ratio, args, out, done):
         continue
-      centre = centres.get((task.name, v.name, ratio), task.lr)
+      centre = centres.get((task.name, v.name, ratio),
+                           task.lr * v.lr_factor)
       lrs = [centre * f for f in args.lrs]
       new_rows.append(run_row(task, v, ratio, lrs, args.seeds, kappa,
                               extend=not args.no_extend, log=print,
                               watchdog=watchdog, out=out))
+      if 'loss_before' in task.settings:
+        # The pretrained model's loss this row started from: a base
+        # pretrained on another machine's CPU differs (XLA:CPU rounding),
+        # and rows are comparable only on the same base.
+        new_rows[-1]['loss_before'] = task.settings['loss_before']
       # Written after every row: a run that dies keeps what it measured.
       _write(out, old, new_rows, task_meta, args, time.perf_counter() - t0)
   arm_watchdog(None)

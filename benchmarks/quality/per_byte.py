@@ -109,7 +109,10 @@ def plot(payload: dict[str, Any], path: str) -> None:
     rows = _rows(payload, task)
     families = {'adamw': 'tab:purple', 'flora': 'tab:blue',
                 'galore': 'tab:brown',
-                'momentum': 'tab:green', 'adafactor': 'k', 'lora': 'tab:orange'}
+                'momentum': 'tab:green', 'adafactor': 'k', 'lora': 'tab:orange',
+                # Other optimizers, float and quantized (issue 28).
+                'muon': 'tab:cyan', 'lion': 'tab:olive', 'ademamix': 'tab:pink',
+                'sgd': 'tab:red'}
     for r in rows:
       color = next((c for k, c in families.items()
                     if r['optimizer'].startswith(k)), 'tab:gray')

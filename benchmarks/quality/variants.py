@@ -3,12 +3,16 @@
 Every row is the same Adafactor (:data:`settings.ADAFACTOR`) and differs only
 in the first moment. The Flora rows other than the library's default are
 built from public parts (:func:`flora_chain`), the default is
-``flora_optax.flora`` itself.
+``flora_optax.flora`` itself. AdamW's rows, and the other optimizers
+wrapped by ``flora_optax.quantized`` (issue 28: Muon, Lion, AdEMAMix, SGD
+with momentum, float and in 8-/4-bit codes), are their own optimizers at the
+task's learning rates (times their ``lr_factor``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +53,15 @@ class Variant:
     flora: the Flora momentum's options, ``residual``, ``momentum_position``
       (and ``subspace_scale`` in residual mode); ``None``: not a Flora
       momentum row.
+    lr_factor: a power of two: a row measured for the first time centres
+      its grid on the task's centre times this (optimizers whose steps have
+      another scale than Adafactor's: Lion's sign steps, Muon's
+      orthogonalised ones, plain SGD), on the task's lattice of learning
+      rates.
+    named_only: a row outside the full run (and outside ``--ablations``'
+      rows that settled a default): run when named with ``--variants``
+      (the other optimizers of issue 28, which the full run's 90 minutes
+      can not hold).
   """
 
   name: str
@@ -60,6 +73,15 @@ class Variant:
   ablation: bool = False
   sweep: bool = False
   flora: dict[str, Any] | None = None
+  lr_factor: float = 1.0
+  named_only: bool = False
+
+  def __post_init__(self):
+    octaves = math.log2(self.lr_factor)
+    if octaves != round(octaves):
+      raise ValueError(f'{self.name}: lr_factor must be a power of two (the '
+                       f"task's lattice of learning rates), not "
+                       f'{self.lr_factor}')
 
 
 def flora_chain(
@@ -246,6 +268,49 @@ def _galore(adafactor: bool) -> MakeTx:
   return make
 
 
+# Other optimizers (issue 28), each float and wrapped by
+# flora_optax.quantized: name -> (label, inner(lr), lr_factor, bits). The
+# factors (powers of two) centre a first measurement near where each is
+# known to work relative to Adam: Lion's sign steps want a learning rate
+# several times smaller, Muon's orthogonalised steps about 0.02 at
+# Adafactor's 0.005, SGD a much larger one.
+OTHER_OPTIMIZERS: dict[str, tuple[str, Callable[[optax.ScalarOrSchedule],
+                                                 optax.GradientTransformation],
+                                  float, tuple[int, ...]]] = {
+    'muon': ('optax.contrib.muon', optax.contrib.muon, 4.0, (8, 4)),
+    'lion': ('optax.lion', optax.lion, 1 / 4, (8, 4)),
+    'ademamix': ('optax.contrib.ademamix', optax.contrib.ademamix, 1.0, (8,)),
+    'sgd_momentum': (f'optax.sgd(momentum={MOMENTUM})',
+                     lambda lr: optax.sgd(lr, momentum=MOMENTUM), 32.0,
+                     (8,)),
+}
+
+
+def _other(inner: Callable[[optax.ScalarOrSchedule],
+                           optax.GradientTransformation],
+           bits: int | None) -> MakeTx:
+  """``inner(lr)`` itself (``bits=None``) or ``flora_optax.quantized`` of
+  it, its large state leaves in ``bits``-bit codes."""
+  def make(lr, rank, key, resample_every):
+    del rank, key, resample_every
+    return flora_optax.quantized(inner(lr), bits=bits)
+  return make
+
+
+def _other_rows() -> list[Variant]:
+  """Per other optimizer: the float row, then its quantized rows."""
+  rows = []
+  for name, (label, inner, factor, bits) in OTHER_OPTIMIZERS.items():
+    rows.append(Variant(name, label, _other(inner, None), ranked=False,
+                        lr_factor=factor, named_only=True))
+    for b in bits:
+      rows.append(Variant(f'{name}_{b}bit',
+                          f'flora_optax.quantized({label}, bits={b})',
+                          _other(inner, b), ranked=False, lr_factor=factor,
+                          named_only=True))
+  return rows
+
+
 def _flora_rows() -> list[Variant]:
   """The Flora momentum rows: the paper's, and residual momentum with its
   subspace part scaled as ``Π_c M`` (``projection``) or ``decompress_c(M)``
@@ -355,6 +420,8 @@ def variants() -> dict[str, Variant]:
               f'optax.contrib.galore (Adafactor, momentum {MOMENTUM}, in the '
               'subspace)', _galore(adafactor=True), ranked=True,
               ablation=True),
+      # Other optimizers with quantized states (issue 28): when named.
+      *_other_rows(),
   ]
   return {v.name: v for v in rows}
 
