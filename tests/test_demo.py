@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import flora_optax
@@ -137,6 +138,52 @@ def test_demo_quantized_rows_store_codes():
   acc, _ = kernel('adafactor_nomomentum', accumulate=2, accumulator='flora',
                   accumulation_rank=None, accumulation_bits=8)
   assert acc
+
+
+def test_demo_muon_and_lion_rows_train_with_quantized_states():
+  # The rows of other optax optimizers: muon (optax.contrib.muon), and Muon
+  # and Lion in flora_optax.quantized(..., bits=8). d_model 32: the fc
+  # kernels (32 x 128) and the byte embedding (256 x 32) reach
+  # min_quantized_size (4096).
+  cfg = train_lm.ModelConfig(seq_len=16, d_model=32, num_layers=1,
+                             num_heads=2)
+  graphdef, params0, template = train_lm.init_model(cfg, 0)
+  loss_fn = train_lm.make_loss_fn(graphdef, template)
+  tokens = jnp.asarray(next(data.load_corpus('topics').batches(
+      'train', 4, 16, seed=0)))
+  is_q = lambda x: isinstance(x, flora_optax.QuantizedArray)  # noqa: E731
+  make = lambda name: train_lm.make_optimizer(train_lm.OptConfig(  # noqa: E731
+      name=name, learning_rate=3e-3, warmup_steps=1, steps=4))
+  states = {}
+  for name in ('muon8', 'lion8'):
+    tx = make(name)
+
+    @jax.jit
+    def step(params, state, tx=tx):
+      loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state, loss
+
+    params, state = params0, jax.jit(tx.init)(params0)
+    losses = []
+    for _ in range(3):
+      params, state, loss = step(params, state)
+      losses.append(float(loss))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], (name,
+                                                                 losses)
+    states[name] = state
+  # Muon's momentum of the kernels and Adam's moments of the rest (the
+  # embedding among them) in codes; decoded: plain Muon's state layout.
+  parts = states['muon8'].inner_states
+  assert is_q(parts['muon'].inner_state[0].mu['blocks'][0]['fc']['kernel'])
+  assert is_q(parts['adam'].inner_state[0].nu['embed']['embedding'])
+  muon = jax.eval_shape(make('muon').init, params0)
+  assert not any(is_q(x) for x in jax.tree.leaves(muon, is_leaf=is_q))
+  assert (jax.tree.structure(flora_optax.to_float_state(states['muon8'])) ==
+          jax.tree.structure(muon))
+  assert is_q(states['lion8'][0].mu['blocks'][0]['fc_out']['kernel'])
+  # The README's demo is unchanged: flora against adafactor by default.
+  assert train_lm.parse_args([]).optimizers == ['flora', 'adafactor']
 
 
 def test_demo_rejects_bad_flags():
