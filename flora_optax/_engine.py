@@ -29,7 +29,9 @@ import jax.numpy as jnp
 
 from flora_optax import _checks
 from flora_optax import _nnx
+from flora_optax import _quantization
 from flora_optax import _separable
+from flora_optax._quantization import Quantizer, is_quantized
 from flora_optax._types import KeyPath
 
 
@@ -224,3 +226,120 @@ def run(update: Callable[..., Any], layout: Layout, updates: Any,
                             params, **extra_args)
     return out, layout.state_treedef.flatten_up_to(new_state)
   return layout.treedef.unflatten(outs), new
+
+
+def _is_float(x: Any) -> bool:
+  return hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+# (state leaf path, state leaf, its parameter's shape) -> how it is stored.
+QuantizerOf = Callable[[KeyPath, Any, tuple[int, ...]], Quantizer | None]
+
+
+class Engine:
+  """An inner transformation run one leaf at a time, some state leaves
+  stored in codes between steps (what ``quantized`` is built on).
+
+  Args:
+    inner: the float transformation.
+    quantizer_of: per state leaf owned by a parameter, its quantizer, or
+      None to keep it as it is; shared leaves are never quantized.
+  """
+
+  def __init__(self, inner: Any, quantizer_of: QuantizerOf):
+    self.inner = inner
+    self.quantizer_of = quantizer_of
+    self._layouts: dict[Any, Layout] = {}
+    self._out_dtypes: dict[Any, list[Any]] = {}
+
+  def layout(self, params: Any) -> Layout:
+    """The layout of ``params``'s state, computed once per structure."""
+    # The structure down to arrays: NNX Variables (at init) and pure arrays
+    # (in nnx.Optimizer's update) make different states.
+    leaves, treedef = jax.tree.flatten(params)
+    key = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+    if key not in self._layouts:
+      self._layouts[key] = layout_of(self.inner.init, params)
+    return self._layouts[key]
+
+  def _check(self, layout, updates, stored, params, extra_args) -> list[Any]:
+    """Checks (once per structure) that the inner is separable; returns the
+    dtypes of its updates, per parameter leaf."""
+    key = (id(layout), params is None, jax.tree.structure(extra_args))
+    if key not in self._out_dtypes:
+      floats = layout.state_treedef.unflatten([
+          jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x
+          for x in stored])
+      check_separable(self.inner.update, layout, updates, floats, params,
+                      extra_args)
+      out, _ = jax.eval_shape(
+          lambda u, s, p, e: self.inner.update(u, s, p, **e), updates,
+          floats, params, extra_args)
+      self._out_dtypes[key] = [
+          getattr(x, 'dtype', None) for x in layout.treedef.flatten_up_to(out)]
+    return self._out_dtypes[key]
+
+  def _quantizer(self, layout: Layout, i: int, leaf: Any) -> Any:
+    k = layout.owner[i]
+    if k < 0 or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      return None
+    return self.quantizer_of(layout.state_paths[i], leaf,
+                             layout.param_shapes[k])
+
+  def init(self, params: Any) -> Any:
+    """The inner's state, its chosen leaves encoded."""
+    layout = self.layout(params)
+    leaves = layout.state_treedef.flatten_up_to(self.inner.init(params))
+    try:
+      self._check(layout, params, leaves, params, {})
+    except TypeError:
+      pass  # it needs extra arguments: checked at the first update instead
+    stored = []
+    for i, x in enumerate(leaves):
+      q = self._quantizer(layout, i, x)
+      stored.append(x if q is None else q.encode(x, dtype=jnp.result_type(x)))
+    return _nnx.quantized_outside(layout.state_treedef.unflatten(stored))
+
+  def update(self, updates: Any, state: Any, params: Any,
+             extra_args: dict[str, Any]) -> tuple[Any, Any]:
+    """The inner's update, one leaf at a time."""
+    layout = self.layout(updates)
+    stored, treedef = jax.tree.flatten(state, is_leaf=is_quantized)
+    if treedef != layout.state_treedef:
+      raise ValueError(
+          'the optimizer state does not fit the updates: its structure is '
+          f'{treedef}, while init of params shaped like the updates makes '
+          f'{layout.state_treedef}. Pass the state that init of the same '
+          'params returned (updates must have the params\' shapes).')
+    out_dtypes = self._check(layout, updates, stored, params, extra_args)
+
+    # The inner's math runs in float32 at least: a parameter's state is
+    # loaded in it (and stored back in its own dtype), and the gradients are;
+    # the update is cast to the dtype the inner itself returns.
+    def load(i, leaf, prev):
+      del i
+      if not is_quantized(leaf):
+        return (leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+                if _is_float(leaf) else leaf)
+      if is_quantized(prev):
+        leaf = _quantization.after(prev, leaf)
+      return _quantization.Quantizer.of(leaf.format).decode(
+          leaf, dtype=jnp.promote_types(leaf.dtype, jnp.float32))
+
+    def store(i, value):
+      old = stored[i]
+      if not is_quantized(old):
+        return value.astype(old.dtype) if _is_float(old) else value
+      q = self._quantizer(layout, i, value)
+      return q.encode(value, dtype=old.format.dtype)
+
+    # Gradients too: float16 squares underflow (Adam's second moment).
+    updates32 = jax.tree.map(
+        lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32))
+        if _is_float(g) else g, updates)
+    new_updates, new = run(self.inner.update, layout, updates32, stored,
+                           params, extra_args, load, store)
+    new_updates = layout.treedef.unflatten([
+        u if dt is None or u is None else u.astype(dt) for u, dt in zip(
+            layout.treedef.flatten_up_to(new_updates), out_dtypes)])
+    return new_updates, layout.state_treedef.unflatten(new)

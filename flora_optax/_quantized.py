@@ -13,7 +13,6 @@ import optax
 
 from flora_optax import _checks
 from flora_optax import _engine
-from flora_optax import _nnx
 from flora_optax import _quantization
 from flora_optax._quantization import QuantizedArray, is_quantized
 
@@ -121,71 +120,19 @@ def quantized(
     return inner
   quantizer = _quantization.make_quantizer(bits, block_size, code_map, False,
                                            min_quantized_size, signed=None)
-  layouts: dict[Any, _engine.Layout] = {}
 
-  def layout_of(params):
-    # The structure down to arrays: NNX Variables (at init) and pure arrays
-    # (in nnx.Optimizer's update) make different states.
-    leaves, treedef = jax.tree.flatten(params)
-    key = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
-    if key not in layouts:
-      layouts[key] = _engine.layout_of(inner.init, params)
-    return layouts[key]
+  def quantizer_of(path, leaf, param_shape):
+    del path
+    shape = tuple(jnp.shape(leaf))
+    return (quantizer if shape == param_shape and quantizer.quantizes(shape)
+            else None)
 
-  def quantizes(layout, i, leaf):
-    k = layout.owner[i]
-    return (k >= 0 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
-            and tuple(jnp.shape(leaf)) == layout.param_shapes[k]
-            and quantizer.quantizes(tuple(jnp.shape(leaf))))
-
-  def init_fn(params):
-    layout = layout_of(params)
-    state = inner.init(params)
-    leaves = layout.state_treedef.flatten_up_to(state)
-    try:
-      _engine.check_separable(inner.update, layout, params, leaves, params,
-                              {})
-    except TypeError:
-      pass  # it needs extra arguments: checked at the first update instead
-    stored = [quantizer.encode(x, dtype=jnp.result_type(x))
-              if quantizes(layout, i, x) else x for i, x in enumerate(leaves)]
-    return _nnx.quantized_outside(layout.state_treedef.unflatten(stored))
+  engine = _engine.Engine(inner, quantizer_of)
 
   def update_fn(updates, state, params=None, **extra_args):
-    layout = layout_of(updates)
-    stored, treedef = jax.tree.flatten(state, is_leaf=is_quantized)
-    if treedef != layout.state_treedef:
-      raise ValueError(
-          'quantized: the state does not fit the updates: its structure is '
-          f'{treedef}, while init of params shaped like the updates makes '
-          f'{layout.state_treedef}. Pass the state that init of the same '
-          'params returned (updates must have the params\' shapes).')
-    _engine.check_separable(inner.update, layout, updates,
-                            [_load(x) for x in stored], params, extra_args)
+    return engine.update(updates, state, params, extra_args)
 
-    def load(i, leaf, prev):
-      if not is_quantized(leaf):
-        return leaf
-      if prev is not None and is_quantized(prev):
-        leaf = _quantization.after(prev, leaf)
-      return _quantization.decode(leaf)
-
-    def store(i, value):
-      old = stored[i]
-      if not is_quantized(old):
-        return value
-      return quantizer.encode(value, dtype=old.format.dtype)
-
-    new_updates, new = _engine.run(inner.update, layout, updates, stored,
-                                   params, extra_args, load, store)
-    return new_updates, layout.state_treedef.unflatten(new)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _load(x: Any) -> Any:
-  """A stored leaf as its float shape (for tracing only)."""
-  return jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x
+  return optax.GradientTransformationExtraArgs(engine.init, update_fn)
 
 
 def to_float_state(state: Any) -> Any:
