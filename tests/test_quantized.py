@@ -344,6 +344,9 @@ def test_composes_with_chain_masked_partition_and_multisteps():
           flora_optax.quantized(optax.adam(LR)), 2).gradient_transformation(),
       'multi_steps_inside': flora_optax.quantized(
           optax.MultiSteps(optax.adam(LR), 2).gradient_transformation()),
+      'inject_outside': optax.inject_hyperparams(
+          lambda learning_rate: flora_optax.quantized(
+              optax.adam(learning_rate)))(learning_rate=LR),
   }
   refs = {
       'chain': optax.chain(optax.clip_by_global_norm(1.0), optax.adam(LR)),
@@ -355,6 +358,8 @@ def test_composes_with_chain_masked_partition_and_multisteps():
           optax.adam(LR), 2).gradient_transformation(),
       'multi_steps_inside': optax.MultiSteps(
           optax.adam(LR), 2).gradient_transformation(),
+      'inject_outside': optax.inject_hyperparams(optax.adam)(
+          learning_rate=LR),
   }
   for name, tx in cases.items():
     ref, _ = _train(refs[name], params, steps=6)
