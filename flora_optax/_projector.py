@@ -108,7 +108,7 @@ class Projector:
         is_leaf=is_dimension_numbers_leaf)
 
   def sketch_shapes(self, like: Any, dtype: Any = None) -> Any:
-    """``jax.ShapeDtypeStruct``s of the sketches of ``like``."""
+    """The ``jax.ShapeDtypeStruct`` of each sketch of ``like``."""
     return jax.tree.map(
         lambda pl, x: jax.ShapeDtypeStruct(pl.sketch_shape, dtype or x.dtype),
         self.plan(like), like)
@@ -145,7 +145,7 @@ class Projector:
     Args:
       sketches: the output of :meth:`compress` (or a sum of such outputs).
       key: the key they were compressed with.
-      like: the full-size tree (arrays or ``jax.ShapeDtypeStruct``s).
+      like: the full-size tree (arrays or ``jax.ShapeDtypeStruct`` objects).
 
     Returns:
       A tree with the shapes of ``like``, in the sketches' dtype.

@@ -230,8 +230,8 @@ def state_shardings(tx: Any,
   Args:
     tx: an ``optax.GradientTransformation`` (or anything with ``init``), or an
       init function ``params -> state``.
-    params: the params, or their ``jax.ShapeDtypeStruct``s (values are never
-      read).
+    params: the params, or their ``jax.ShapeDtypeStruct`` objects (values
+      are never read).
     param_shardings: the params' shardings: a pytree matching ``params`` of
       ``NamedSharding`` (or ``PartitionSpec`` with ``mesh=``; ``None`` leaves
       mean replicated), or one sharding for all leaves. ``None`` (default)

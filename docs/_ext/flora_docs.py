@@ -1,0 +1,170 @@
+# Copyright 2026 The flora_optax Authors.
+# SPDX-License-Identifier: Apache-2.0
+
+"""Sphinx extension: the parts of the docs that are computed, not written.
+
+Two MyST directives, both read from the committed results at build time so
+that a page can never disagree with them:
+
+``{flora-quality-table}`` *name*
+  A table of the quality study, from ``benchmarks/results/quality.json``,
+  made by the generators of ``python -m benchmarks.quality.readme``
+  (``loss``, ``benefit``) and ``benchmarks/quality/per_byte.py``
+  (``budget``), preceded by a line naming the version and machine that
+  measured it.
+
+``{flora-results-label}`` *stem*
+  "Measured with flora_optax X (jax Y) on Z": the label of
+  ``benchmarks/results/<stem>.md``, read from ``<stem>.json`` (or from a
+  repository path ending in ``.json``); for files that predate a version
+  field, the version of the commit that last wrote them.
+
+A results file that cannot be read, or a name that is not known, is a build
+error naming the page (``-W`` turns the warning into a failure).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import subprocess
+from typing import Any
+
+from docutils import nodes
+from docutils.statemachine import StringList
+from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
+LOGGER = logging.getLogger(__name__)
+
+
+def _relpath(stem: str) -> str:
+  """``quality`` -> ``benchmarks/results/quality.json``; a path is kept."""
+  return stem if stem.endswith('.json') else f'benchmarks/results/{stem}.json'
+
+
+@functools.cache
+def _load(stem: str) -> dict[str, Any]:
+  with open(os.path.join(ROOT, _relpath(stem))) as f:
+    return json.load(f)
+
+
+@functools.cache
+def _git_version(stem: str) -> str | None:
+  """flora_optax's version at the last commit that wrote ``<stem>.json``."""
+  rel = _relpath(stem)
+  try:
+    commit = subprocess.run(
+        ['git', 'log', '-1', '--format=%H', '--', rel], cwd=ROOT, check=True,
+        capture_output=True, text=True).stdout.strip()
+    if not commit:
+      return None
+    init = subprocess.run(
+        ['git', 'show', f'{commit}:flora_optax/__init__.py'], cwd=ROOT,
+        check=True, capture_output=True, text=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  found = re.search(r"__version__ = '([^']+)'", init)
+  return found.group(1) if found else None
+
+
+def _machine(stem: str, d: dict[str, Any]) -> str:
+  """Where a results file was measured, from its own fields."""
+  meta = d.get('meta', {})
+  if 'platform' in meta:
+    return meta['platform']
+  if 'backend' in meta:
+    return f"{meta['backend']} ({meta.get('devices', '?')})"
+  if 'machine' in d:
+    m = d['machine']
+    return (f"{m.get('device_kind', m.get('platform', '?'))}, "
+            f"{m.get('device_count', '?')} device(s), {m.get('host', '')}"
+            ).rstrip(', ')
+  if 'config' in d:
+    return f"{d['config'].get('backend', '?')}"
+  if 'mesh' in d:
+    mesh = ' × '.join(f'{n} {a}' for a, n in d['mesh'].items())
+    return f"{d.get('devices', '?')} devices, mesh {mesh}"
+  return 'an unrecorded machine'
+
+
+def results_label(stem: str) -> str:
+  """One sentence: which version measured ``<stem>``, with what, where."""
+  d = _load(stem)
+  meta = d.get('meta', {})
+  source = d.get('machine', d.get('config', meta))
+  jax_version = meta.get('jax', source.get('jax', d.get('jax', '?')))
+  optax_version = meta.get('optax', source.get('optax'))
+  version = meta.get('flora_optax')
+  how = ''
+  if version is None:
+    version = _git_version(stem) or 'unknown'
+    how = ' (the version of the commit that wrote the file)'
+  libs = f'jax {jax_version}' + (f', optax {optax_version}'
+                                 if optax_version else '')
+  return (f'Measured with **flora_optax {version}**{how}, {libs}, on '
+          f'**{_machine(stem, d)}**; source: '
+          f'`{_relpath(stem)}`.')
+
+
+def quality_table(name: str) -> str:
+  """A generated table of the quality study, as Markdown."""
+  from benchmarks import common  # noqa: PLC0415 (the repository's, lazily)
+  from benchmarks.quality import per_byte, readme  # noqa: PLC0415
+  payload = _load('quality')
+  if name == 'loss':
+    return readme.loss_table(payload)
+  if name == 'benefit':
+    return readme.benefit_table(payload)
+  if name == 'budget':
+    return common.markdown_table(
+        ['task', 'budget', 'best row', 'final loss', 'state KiB', 'B/param',
+         'reference loss'], per_byte.budget_table(payload))
+  raise KeyError(name)
+
+
+class _Generated(SphinxDirective):
+  required_arguments = 1
+  has_content = False
+
+  def markdown(self, arg: str) -> str:
+    raise NotImplementedError
+
+  def run(self) -> list[nodes.Node]:
+    arg = self.arguments[0]
+    try:
+      text = self.markdown(arg)
+    except (OSError, KeyError, ValueError) as e:
+      LOGGER.warning('%s: cannot generate %r (%s: %s)', self.env.docname,
+                     arg, type(e).__name__, e, location=self.get_location())
+      return []
+    container = nodes.container(classes=['flora-generated'])
+    self.state.nested_parse(StringList(text.splitlines(), self.env.docname),
+                            self.content_offset, container)
+    return [container]
+
+
+class QualityTable(_Generated):
+  """``{flora-quality-table} loss|benefit|budget``."""
+
+  def markdown(self, arg: str) -> str:
+    label = results_label('quality')
+    return f'{label}\n\n{quality_table(arg)}'
+
+
+class ResultsLabel(_Generated):
+  """``{flora-results-label} <stem>``: a note naming version and machine."""
+
+  def markdown(self, arg: str) -> str:
+    return f':::{{note}}\n{results_label(arg)}\n:::'
+
+
+def setup(app: Any) -> dict[str, Any]:
+  app.add_directive('flora-quality-table', QualityTable)
+  app.add_directive('flora-results-label', ResultsLabel)
+  return {'version': '1', 'parallel_read_safe': True,
+          'parallel_write_safe': True}
