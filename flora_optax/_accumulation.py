@@ -203,6 +203,21 @@ class MultiSteps:
       ``key``, the cycle and the micro-step); ``None``: on (an accumulator
       sums its rounding errors).
 
+  Raises:
+    TypeError: when built, if ``opt`` is not an optax transformation,
+      ``every_k_schedule`` is neither an int nor a callable,
+      ``should_skip_update_fn`` is not callable, or ``rank``, ``key``,
+      ``use_grad_mean``, ``accumulator_dtype``, ``dimension_numbers``,
+      ``bits`` or a quantization keyword has the wrong type; at ``init``,
+      for a leaf that is not a real floating array, naming it.
+    ValueError: when built, for ``every_k_schedule < 1``, ``rank < 1``, an
+      unknown ``projection`` or ``side``, ``bits`` other than None, 8 or 4,
+      a quantization keyword without ``bits``; at ``init``, for a callable's
+      rank above a leaf's compressed axis or ``dimension_numbers`` that do
+      not fit a leaf; at ``update``, for updates that do not match the params
+      of ``init`` (naming the leaf) or a ``should_skip_update_fn`` that does
+      not return a boolean scalar.
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import flora_optax
@@ -285,6 +300,7 @@ class MultiSteps:
 
   @property
   def inner_opt(self) -> optax.GradientTransformationExtraArgs:
+    """The wrapped optimizer (with extra-args support, as optax's)."""
     return self._opt
 
   @property
@@ -293,7 +309,16 @@ class MultiSteps:
     return self._projector
 
   def init(self, params: optax.Params) -> MultiStepsState:
-    """Builds the initial :class:`MultiStepsState` (sketches are zeros)."""
+    """Builds the initial :class:`MultiStepsState` (sketches are zeros).
+
+    Args:
+      params: the parameters (arrays or ``jax.ShapeDtypeStruct`` objects
+        under ``jax.eval_shape``).
+
+    Returns:
+      The state: counters at zero, zero accumulators (sketches, codes or
+      float), the inner optimizer's ``init(params)`` and the key data.
+    """
     gradient_step = jnp.zeros([], dtype=jnp.int32)
     _, skip_state = self._should_skip_update_fn(
         optax.tree.zeros_like(params), gradient_step, params)
@@ -317,7 +342,21 @@ class MultiSteps:
       params: optax.Params | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, MultiStepsState]:
-    """Accumulates ``updates``; runs the inner optimizer every ``k`` calls."""
+    """Accumulates ``updates``; runs the inner optimizer every ``k`` calls.
+
+    Args:
+      updates: this micro-step's gradients, with the structure and shapes of
+        the params given to :meth:`init`.
+      state: the current :class:`MultiStepsState`.
+      params: the current parameters (passed to the inner optimizer and to
+        ``should_skip_update_fn``; also used to check the updates' shapes).
+      **extra_args: passed to the inner optimizer's ``update``.
+
+    Returns:
+      ``(updates, state)``: zeros on every micro-step but the cycle's last,
+      which returns the inner optimizer's update of the decompressed mean
+      (or sum) gradient.
+    """
     k_steps = self._every_k_schedule(state.gradient_step)
     should_skip, skip_state = self._should_skip_update_fn(
         updates, state.gradient_step, params)
@@ -392,12 +431,20 @@ class MultiSteps:
     )
 
   def has_updated(self, state: MultiStepsState | Any) -> jax.Array:
-    """Whether the last call to :meth:`update` ran the inner optimizer."""
+    """Whether the last call to :meth:`update` ran the inner optimizer.
+
+    Args:
+      state: the state that call returned.
+
+    Returns:
+      A boolean scalar array.
+    """
     return jnp.logical_and(
         getattr(state, 'mini_step') == 0,
         getattr(state, 'gradient_step') > 0)
 
   def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
+    """``init`` and ``update`` as an optax transformation (as optax's)."""
     return optax.GradientTransformationExtraArgs(
         init=self.init, update=self.update)
 
@@ -464,6 +511,16 @@ def accumulate_gradients(
     The decompressed mean (or sum) gradient, in the dtypes ``grad_fn``
     returns; with ``has_aux=True``, ``(grads, aux)`` where ``aux`` is stacked
     over micro-batches.
+
+  Raises:
+    TypeError: if ``grad_fn`` is not callable, ``projector`` is not a
+      :class:`Projector`, or ``key``, ``use_grad_mean``,
+      ``accumulator_dtype``, ``bits`` or a quantization keyword has the wrong
+      type; for a leaf of ``params`` that is not a real floating array.
+    ValueError: if the leaves of ``micro_batches`` do not share a leading
+      axis of size at least 1, ``bits`` is not None, 8 or 4, a quantization
+      keyword is given without ``bits``, or a leaf does not fit the
+      projector's rank or ``dimension_numbers`` (naming it).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax

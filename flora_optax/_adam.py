@@ -108,6 +108,16 @@ def scale_by_adam(
   Returns:
     An ``optax.GradientTransformation``.
 
+  Raises:
+    TypeError: when built, for an argument of the wrong type (``b1``,
+      ``b2``, ``eps``, ``eps_root``, ``mu_dtype``, ``key``, ``nesterov``,
+      ``bits`` and the quantization keywords); at ``init``, for a leaf that
+      is not a real floating array, naming it.
+    ValueError: when built, for ``b1`` or ``b2`` outside ``[0, 1)``, a
+      negative ``eps`` or ``eps_root``, ``bits`` other than None, 8 or 4, a
+      quantization keyword (``stochastic_rounding`` included) without
+      ``bits``, or an unknown ``code_map`` or ``nu_code_map``.
+
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import flora_optax
@@ -283,6 +293,10 @@ def adamw(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Raises:
+    TypeError: as :func:`scale_by_adam`.
+    ValueError: as :func:`scale_by_adam`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax

@@ -262,6 +262,12 @@ def cycle_key(key: KeyLike, cycle: jax.typing.ArrayLike,
   Returns:
     A typed PRNG key.
 
+  Raises:
+    ValueError: for an unknown ``purpose``, or raw key data of the wrong
+      shape for ``impl``.
+    TypeError: for a ``key`` that is neither an int seed, a PRNG key nor raw
+      ``uint32`` key data.
+
   Examples:
     >>> import jax, flora_optax
     >>> k = flora_optax.cycle_key(0, 3, purpose='accumulation')

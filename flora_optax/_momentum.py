@@ -207,6 +207,21 @@ def compressed_momentum(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
+  Raises:
+    TypeError: when built, for an argument of the wrong type (``rank``,
+      ``decay``, ``resample_every``, ``key``, ``nesterov``, ``residual``,
+      ``accumulator_dtype``, ``dimension_numbers``, ``bits`` and the
+      quantization keywords); at ``init``, for a leaf that is not a real
+      floating array, naming it.
+    ValueError: when built, for a value out of range (``rank < 1``,
+      ``decay`` outside ``[0, 1)``, ``resample_every`` outside ``[1,
+      2**31 - 1]``, an unknown ``projection``, ``side`` or ``transfer``,
+      ``bits`` other than None, 8 or 4, a quantization keyword without
+      ``bits``); at ``init``, for a callable's rank above a leaf's compressed
+      axis or ``dimension_numbers`` that do not fit a leaf, naming it; at
+      ``update``, for updates whose tree or shapes differ from the params of
+      ``init``, naming the leaf.
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import flora_optax

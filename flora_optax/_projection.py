@@ -173,7 +173,14 @@ class LeafPlan:
                  dtype: Any = jnp.float32) -> jax.Array:
     """Draws ``P`` with shape ``(*batch, r, *compressed)`` from a typed key.
 
-    ``projection`` (default: the plan's ``kind``) is how it is drawn.
+    Args:
+      key: a typed PRNG key (e.g. from :func:`cycle_key`, folded with the
+        leaf's id as the optimizers do).
+      projection: how ``P`` is drawn; ``None``: the plan's ``kind``.
+      dtype: the dtype of ``P``.
+
+    Returns:
+      ``P``, of shape :attr:`p_shape`.
     """
     projection = projection or self.kind
     batch = tuple(self.shape[a] for a in self.batch_axes)
@@ -208,15 +215,37 @@ class LeafPlan:
 
   def compress(self, g: jax.Array, p: jax.Array,
                sharding: NamedSharding | None = None) -> jax.Array:
-    """``G Pᵀ`` or ``P G``: the sketch of ``g`` (all-reduced over a sharded
-    compressed axis, never gathered)."""
+    """``G Pᵀ`` or ``P G``: the sketch of ``g``.
+
+    Over a sharded compressed axis the product is all-reduced, never
+    gathered.
+
+    Args:
+      g: the leaf, of shape :attr:`shape`.
+      p: its projection (:meth:`projection`).
+      sharding: the leaf's own ``NamedSharding`` on an Explicit-axes mesh, or
+        None; the products are then sharded like the leaf.
+
+    Returns:
+      The sketch, of shape :attr:`sketch_shape`.
+    """
     return self._product(
         f'{self._labels()},{self._p_labels()}->{self._s_labels()}', g, p,
         sharding, self.p_axes, self.sketch_axes)
 
   def decompress(self, c: jax.Array, p: jax.Array,
                  sharding: NamedSharding | None = None) -> jax.Array:
-    """``C P`` or ``Pᵀ C``: back to the leaf's shape (no communication)."""
+    """``C P`` or ``Pᵀ C``: back to the leaf's shape (no communication).
+
+    Args:
+      c: a sketch, of shape :attr:`sketch_shape`.
+      p: the projection it was compressed with (or :meth:`dual_rows` of it).
+      sharding: the leaf's own ``NamedSharding`` on an Explicit-axes mesh, or
+        None; the products are then sharded like the leaf.
+
+    Returns:
+      An array of shape :attr:`shape`.
+    """
     return self._product(
         f'{self._s_labels()},{self._p_labels()}->{self._labels()}', c, p,
         sharding, self.p_axes, None)
@@ -229,7 +258,21 @@ class LeafPlan:
   def transfer(self, c: jax.Array, p_old: jax.Array, p_new: jax.Array,
                method: Transfer = 'unbiased',
                sharding: NamedSharding | None = None) -> jax.Array:
-    """Moves a sketch from ``p_old`` to ``p_new`` through an ``r×r`` matrix."""
+    """Moves a sketch from ``p_old`` to ``p_new`` through an ``r×r`` matrix.
+
+    Args:
+      c: a sketch compressed with ``p_old``.
+      p_old: the projection ``c`` is in.
+      p_new: the projection to move it to.
+      method: ``'unbiased'`` (``C P_old P_newᵀ``), ``'projected'``
+        (through the pseudo-inverse of ``p_new``: never increases the norm)
+        or ``'reset'`` (zeros).
+      sharding: the leaf's own ``NamedSharding`` on an Explicit-axes mesh, or
+        None; the products are then sharded like the leaf.
+
+    Returns:
+      The sketch in ``p_new``, of the shape of ``c``.
+    """
     if method == 'reset':
       return jnp.zeros_like(c)
     # T = P_old P_newᵀ (batch, r, r): the full-size matrix is never formed.
@@ -245,7 +288,17 @@ class LeafPlan:
 
   def apply_rr(self, c: jax.Array, t: jax.Array,
                sharding: NamedSharding | None = None) -> jax.Array:
-    """Multiplies the rank axis of a sketch by ``t`` (``(*batch, r, r')``)."""
+    """Multiplies the rank axis of a sketch by ``t`` (``(*batch, r, r')``).
+
+    Args:
+      c: a sketch, of shape :attr:`sketch_shape`.
+      t: an ``(*batch, r, r')`` matrix per batch element.
+      sharding: the leaf's own ``NamedSharding`` on an Explicit-axes mesh, or
+        None; the products are then sharded like the leaf.
+
+    Returns:
+      The sketch with its rank axis multiplied by ``t``.
+    """
     # ``t`` is small and computed replicated; slice its batch axes like ``c``.
     return self._product(
         f'{self._s_labels(_R)},{self._rr_labels()}->{self._s_labels(_R2)}',
@@ -262,6 +315,13 @@ class LeafPlan:
 
     For ``'orthogonal'`` ``P Pᵀ = (d/r) I`` exactly, so no inverse is
     computed; for the others it is an ``r×r`` inverse per batch element.
+
+    Args:
+      p: a projection drawn for this plan.
+      projection: how ``p`` was drawn; ``None``: the plan's ``kind``.
+
+    Returns:
+      The inverse Gram matrices, ``(*batch, r, r)``.
     """
     batch = tuple(self.shape[a] for a in self.batch_axes)
     if (projection or self.kind) == 'orthogonal':
@@ -280,6 +340,14 @@ class LeafPlan:
 
     ``decompress(C, dual_rows(P)) == decompress(C (P Pᵀ)⁻¹, P)`` at ``r²·d``
     flops per matrix instead of ``n·r²``.
+
+    Args:
+      p: a projection drawn for this plan.
+      projection: how ``p`` was drawn; ``None``: the plan's ``kind``.
+      gram_inverse: :meth:`gram_inverse` of ``p`` if already computed.
+
+    Returns:
+      An array of the shape of ``p``.
     """
     projection = projection or self.kind
     if projection == 'orthogonal':
@@ -293,7 +361,18 @@ class LeafPlan:
   def project(self, g: jax.Array, p: jax.Array,
               projection: Projection | None = None,
               sharding: NamedSharding | None = None) -> jax.Array:
-    """``Π G``: the orthogonal projection of ``g`` onto the row space of ``p``."""
+    """``Π G``: the orthogonal projection of ``g`` onto the row space of ``p``.
+
+    Args:
+      g: the leaf, of shape :attr:`shape`.
+      p: a projection drawn for this plan.
+      projection: how ``p`` was drawn; ``None``: the plan's ``kind``.
+      sharding: the leaf's own ``NamedSharding`` on an Explicit-axes mesh, or
+        None; the products are then sharded like the leaf.
+
+    Returns:
+      ``Pᵀ (P Pᵀ)⁻¹ P`` applied to ``g``, of shape :attr:`shape`.
+    """
     c = self.compress(g, p, sharding)
     return self.decompress(c, self.dual_rows(p, projection), sharding)
 

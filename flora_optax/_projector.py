@@ -49,6 +49,16 @@ class Projector:
       callable ``(path, leaf) -> DimensionNumbers | None``, chooses per leaf
       (``None`` there keeps the leaf dense).
 
+  Raises:
+    TypeError: if ``rank`` is neither a positive int, None nor a callable, or
+      ``dimension_numbers`` is not a :class:`DimensionNumbers`, a pytree of
+      them or a callable; the methods, for a leaf that is not a real
+      floating array or a callable's rank that is not an int or None.
+    ValueError: if ``rank < 1`` or ``projection`` or ``side`` is not one of
+      the names above; the methods, for a callable's rank above a leaf's
+      compressed axis, ``dimension_numbers`` that do not fit a leaf (naming
+      it), or an unknown transfer ``method``.
+
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> import flora_optax
@@ -88,7 +98,15 @@ class Projector:
 
   # --- planning ------------------------------------------------------------
   def plan(self, like: Any) -> Any:
-    """The :class:`LeafPlan` of every leaf of ``like`` (arrays or shapes)."""
+    """The :class:`LeafPlan` of every leaf of ``like`` (arrays or shapes).
+
+    Args:
+      like: a pytree of arrays or ``jax.ShapeDtypeStruct`` objects (only
+        shapes and dtypes are read).
+
+    Returns:
+      A pytree of :class:`LeafPlan` with the structure of ``like``.
+    """
     dn = self.dimension_numbers
 
     def leaf(path, x, leaf_dn, given):
@@ -108,7 +126,15 @@ class Projector:
         is_leaf=is_dimension_numbers_leaf)
 
   def sketch_shapes(self, like: Any, dtype: Any = None) -> Any:
-    """The ``jax.ShapeDtypeStruct`` of each sketch of ``like``."""
+    """The ``jax.ShapeDtypeStruct`` of each sketch of ``like``.
+
+    Args:
+      like: a pytree of arrays or ``jax.ShapeDtypeStruct`` objects.
+      dtype: the sketches' dtype; ``None``: each leaf's own.
+
+    Returns:
+      A pytree of ``jax.ShapeDtypeStruct`` with the structure of ``like``.
+    """
     return jax.tree.map(
         lambda pl, x: jax.ShapeDtypeStruct(pl.sketch_shape, dtype or x.dtype),
         self.plan(like), like)
@@ -119,6 +145,14 @@ class Projector:
     ``P`` has shape ``(*batch, r, *compressed_axes)``. This is the frozen
     ``A`` of the LoRA view: ``compress`` is ``G Aᵀ``. Only for inspection and
     experiments; the optimizers never store it.
+
+    Args:
+      like: a pytree of arrays or ``jax.ShapeDtypeStruct`` objects.
+      key: a typed key or raw key data, as for :meth:`compress`.
+
+    Returns:
+      A pytree with the structure of ``like``: ``P`` per compressed leaf,
+      ``None`` per dense one.
     """
     leaves = Leaves.of(self, like)
     return leaves.unflatten(leaves.draw(_keys.as_typed(key)))
@@ -167,6 +201,16 @@ class Projector:
     through the ``r×r`` product ``P_old P_newᵀ``; ``'projected'`` uses the
     pseudo-inverse of ``P_new`` instead (a contraction, biased by ``r/d``);
     ``'reset'`` returns zeros.
+
+    Args:
+      sketches: sketches made with ``old_key`` (:meth:`compress`).
+      old_key: the key they were compressed with.
+      new_key: the key of the projection to move them to.
+      like: the full-size tree (arrays or ``jax.ShapeDtypeStruct`` objects).
+      method: ``'unbiased'``, ``'projected'`` or ``'reset'``.
+
+    Returns:
+      The sketches in ``new_key``'s projection, with their shapes.
     """
     _checks.check_choice(method, 'method', TRANSFERS)
     leaves = Leaves.of(self, like, dtypes_of=sketches)
