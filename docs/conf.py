@@ -74,8 +74,6 @@ html_theme_options = {
     'sidebar_hide_name': False,
     'navigation_with_keys': True,
 }
-pygments_style = 'sphinx'
-pygments_dark_style = 'monokai'
 
 # NamedTuple fields are documented once, by the docstrings' Attributes
 # sections (as :ivar: fields), not again as members.
