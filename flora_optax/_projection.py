@@ -128,7 +128,7 @@ class LeafPlan:
   # of them (the sketch); ``P`` is ``(*batch, r, *compressed)``.
   @property
   def sketch_axes(self) -> AxisMap:
-    """Per axis of the sketch, the leaf axis it is (None: the rank axis)."""
+    """Per sketch axis, the leaf axis it is (None for the rank axis)."""
     if self.dense:
       return tuple(range(len(self.shape)))
     first = self.compress_axes[0]
@@ -137,7 +137,7 @@ class LeafPlan:
 
   @property
   def p_axes(self) -> AxisMap:
-    """Per axis of ``P``, the leaf axis it is (None: the rank axis)."""
+    """Per axis of ``P``, the leaf axis it is (None for the rank axis)."""
     return (*self.batch_axes, None, *self.compress_axes)
 
   @property

@@ -72,8 +72,8 @@ class QuantizedFormat(NamedTuple):
   state are its codes and scales, and the format is part of the tree's
   structure, as static data under ``jit``), and plain Python values (so
   ``flax.serialization`` writes it next to the codes). With it a stored
-  state decodes without the optimizer that wrote it (:func:`decode`,
-  ``flora_optax.to_float_state``).
+  state decodes without the optimizer that wrote it
+  (:func:`to_float_state`).
 
   Attributes:
     bits: 8 or 4.
