@@ -6,8 +6,9 @@
 - Every public name of ``flora_optax.__all__`` has an entry in the API
   reference (an ``autofunction``/``autoclass``/``autoexception`` directive in
   docs/api/), and every entry names a public name.
-- The generated tables of the decision page come out of the committed
-  results (the Sphinx extension calls the same generators at build time).
+- The generated tables of the decision page and the demo's page come out of
+  the committed results (the Sphinx extension calls the same generators at
+  build time), and every benchmark page's label can be made.
 
 None of this builds the site: ``.ci/docs`` does, with warnings as errors.
 """
@@ -128,7 +129,7 @@ def test_every_public_name_has_a_reference_entry():
       f'API entries for names not in flora_optax.__all__: {unknown}')
 
 
-def test_decision_tables_come_from_the_committed_results():
+def test_generated_parts_come_from_the_committed_results():
   sys.path.insert(0, os.path.join(_DOCS, '_ext'))
   try:
     import flora_docs  # noqa: PLC0415 (the docs' Sphinx extension)
@@ -144,6 +145,10 @@ def test_decision_tables_come_from_the_committed_results():
             encoding='utf-8') as f:
     meta = json.load(f)['meta']
   assert meta['flora_optax'] in label and meta['platform'] in label, label
+  # The demo's reference table, as the demo prints it.
+  assert '{flora-demo-table} train_lm' in _read(os.path.join('benchmarks',
+                                                            'demo.md'))
+  assert flora_docs.demo_table().count('\n|') >= 3
   # Every benchmark page's label can be made from its results file.
   for page in _pages():
     for stem in re.findall(r'^```\{flora-results-label\} (\S+)', _read(page),

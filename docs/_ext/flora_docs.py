@@ -13,6 +13,10 @@ that a page can never disagree with them:
   (``budget``), preceded by a line naming the version and machine that
   measured it.
 
+``{flora-demo-table} train_lm``
+  The demo's reference table (``examples/results/train_lm/results.json``),
+  made by ``examples.train_lm.memory_table`` as the demo prints it.
+
 ``{flora-results-label}`` *stem*
   "Measured with flora_optax X (jax Y) on Z": the label of
   ``benchmarks/results/<stem>.md``, read from ``<stem>.json`` (or from a
@@ -89,7 +93,7 @@ def _machine(stem: str, d: dict[str, Any]) -> str:
   if 'mesh' in d:
     mesh = ' × '.join(f'{n} {a}' for a, n in d['mesh'].items())
     return f"{d.get('devices', '?')} devices, mesh {mesh}"
-  return 'an unrecorded machine'
+  return 'a machine the file does not record'
 
 
 def results_label(stem: str) -> str:
@@ -97,16 +101,16 @@ def results_label(stem: str) -> str:
   d = _load(stem)
   meta = d.get('meta', {})
   source = d.get('machine', d.get('config', meta))
-  jax_version = meta.get('jax', source.get('jax', d.get('jax', '?')))
+  jax_version = meta.get('jax', source.get('jax', d.get('jax')))
   optax_version = meta.get('optax', source.get('optax'))
   version = meta.get('flora_optax')
   how = ''
   if version is None:
     version = _git_version(stem) or 'unknown'
     how = ' (the version of the commit that wrote the file)'
-  libs = f'jax {jax_version}' + (f', optax {optax_version}'
-                                 if optax_version else '')
-  return (f'Measured with **flora_optax {version}**{how}, {libs}, on '
+  libs = ''.join(f', {name} {v}' for name, v in
+                 (('jax', jax_version), ('optax', optax_version)) if v)
+  return (f'Measured with **flora_optax {version}**{how}{libs}, on '
           f'**{_machine(stem, d)}**; source: '
           f'`{_relpath(stem)}`.')
 
@@ -127,6 +131,17 @@ def quality_table(name: str) -> str:
   raise KeyError(name)
 
 
+def demo_table() -> str:
+  """The demo's reference table, from ``examples/results/train_lm``."""
+  from examples import train_lm  # noqa: PLC0415 (the repository's, lazily)
+  d = _load(DEMO)
+  return train_lm.memory_table(
+      [train_lm.RunResult(**r) for r in d['results']])
+
+
+DEMO = 'examples/results/train_lm/results.json'
+
+
 class _Generated(SphinxDirective):
   required_arguments = 1
   has_content = False
@@ -138,7 +153,7 @@ class _Generated(SphinxDirective):
     arg = self.arguments[0]
     try:
       text = self.markdown(arg)
-    except (OSError, KeyError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 (any failure names the page)
       LOGGER.warning('%s: cannot generate %r (%s: %s)', self.env.docname,
                      arg, type(e).__name__, e, location=self.get_location())
       return []
@@ -163,8 +178,18 @@ class ResultsLabel(_Generated):
     return f':::{{note}}\n{results_label(arg)}\n:::'
 
 
+class DemoTable(_Generated):
+  """``{flora-demo-table} train_lm``: the demo's reference table."""
+
+  def markdown(self, arg: str) -> str:
+    if arg != 'train_lm':
+      raise KeyError(arg)
+    return f'{results_label(DEMO)}\n\n{demo_table()}'
+
+
 def setup(app: Any) -> dict[str, Any]:
   app.add_directive('flora-quality-table', QualityTable)
+  app.add_directive('flora-demo-table', DemoTable)
   app.add_directive('flora-results-label', ResultsLabel)
   return {'version': '1', 'parallel_read_safe': True,
           'parallel_write_safe': True}
