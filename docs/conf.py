@@ -51,8 +51,6 @@ nb_execution_mode = 'off'
 # API reference.
 autodoc_default_options = {
     'members': True,
-    'undoc-members': False,
-    'show-inheritance': False,
     'member-order': 'bysource',
 }
 autodoc_typehints = 'signature'

@@ -221,7 +221,7 @@ class LeafPlan:
     gathered.
 
     Args:
-      g: the leaf, of shape :attr:`shape`.
+      g: the leaf, of shape ``shape``.
       p: its projection (:meth:`projection`).
       sharding: the leaf's own ``NamedSharding`` on an Explicit-axes mesh, or
         None; the products are then sharded like the leaf.
@@ -244,7 +244,7 @@ class LeafPlan:
         None; the products are then sharded like the leaf.
 
     Returns:
-      An array of shape :attr:`shape`.
+      An array of shape ``shape``.
     """
     return self._product(
         f'{self._s_labels()},{self._p_labels()}->{self._labels()}', c, p,
@@ -364,14 +364,14 @@ class LeafPlan:
     """``Π G``: the orthogonal projection of ``g`` onto the row space of ``p``.
 
     Args:
-      g: the leaf, of shape :attr:`shape`.
+      g: the leaf, of shape ``shape``.
       p: a projection drawn for this plan.
       projection: how ``p`` was drawn; ``None``: the plan's ``kind``.
       sharding: the leaf's own ``NamedSharding`` on an Explicit-axes mesh, or
         None; the products are then sharded like the leaf.
 
     Returns:
-      ``Pᵀ (P Pᵀ)⁻¹ P`` applied to ``g``, of shape :attr:`shape`.
+      ``Pᵀ (P Pᵀ)⁻¹ P`` applied to ``g``, of shape ``shape``.
     """
     c = self.compress(g, p, sharding)
     return self.decompress(c, self.dual_rows(p, projection), sharding)
