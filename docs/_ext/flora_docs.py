@@ -187,7 +187,16 @@ class DemoTable(_Generated):
     return f'{results_label(DEMO)}\n\n{demo_table()}'
 
 
+def _skip_namedtuple_fields(app, what, name, obj, skip, options):
+  """NamedTuple fields are documented by their class's Attributes section;
+  their own docstrings only say "Alias for field number N"."""
+  del app, what, name, options
+  doc = getattr(obj, '__doc__', None) or ''
+  return True if doc.startswith('Alias for field number') else skip
+
+
 def setup(app: Any) -> dict[str, Any]:
+  app.connect('autodoc-skip-member', _skip_namedtuple_fields)
   app.add_directive('flora-quality-table', QualityTable)
   app.add_directive('flora-demo-table', DemoTable)
   app.add_directive('flora-results-label', ResultsLabel)
