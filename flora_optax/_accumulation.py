@@ -32,7 +32,6 @@ import optax
 from flora_optax import _checks
 from flora_optax import _keys
 from flora_optax import _leaves
-from flora_optax import _quantization
 from flora_optax._leaves import Leaves
 from flora_optax._projector import Projector
 from flora_optax._types import (DimensionNumbersSpec, KeyLike, Projection,
@@ -92,16 +91,12 @@ def _accumulate_stored(leaves: Leaves, ps, grads, stored, n,
                        key: jax.Array | None) -> list[Any]:
   """:func:`_accumulate` from and to stored accumulators, leaf after leaf:
   a quantized one is decoded once the previous one is encoded again, so
-  that one float32 copy is alive at a time (``_quantization.after``)."""
+  that one float32 copy is alive at a time (``_leaves.Chain``)."""
   cs = leaves.compress(grads, ps)
-  out, prev = [], None
+  out, chain = [], _leaves.Chain()
   for i, (c, s) in enumerate(zip(cs, stored)):
-    if prev is not None and _quantization.is_quantized(s):
-      s = _quantization.after(prev, s)
-    acc = _add(leaves.load_one(i, s), c, n, use_grad_mean)
-    out.append(leaves.store_one(i, acc, dtype, key))
-    if _quantization.is_quantized(out[-1]):
-      prev = out[-1]
+    acc = _add(chain.load(leaves, i, s), c, n, use_grad_mean)
+    out.append(chain.stored(leaves.store_one(i, acc, dtype, key)))
   return out
 
 
@@ -291,12 +286,9 @@ class MultiSteps:
     self._should_skip_update_fn = should_skip_update_fn or _never_skip
     self._accumulator_dtype = _checks.check_float_dtype(accumulator_dtype,
                                                         'accumulator_dtype')
-    _checks.check_quantization(bits, block_size, code_map, min_quantized_size,
-                               stochastic_rounding)
-    self._quantizer = _quantization.make_quantizer(
-        bits, block_size, code_map,
-        DEFAULT_ACCUMULATOR_ROUNDING if stochastic_rounding is None
-        else stochastic_rounding, min_quantized_size)
+    self._quantizer = _leaves.quantizer(
+        bits, block_size, code_map, min_quantized_size, stochastic_rounding,
+        default_rounding=DEFAULT_ACCUMULATOR_ROUNDING)
 
   @property
   def inner_opt(self) -> optax.GradientTransformationExtraArgs:
@@ -551,12 +543,9 @@ def accumulate_gradients(
                     f'{type(projector).__name__}.')
   _checks.check_bool(use_grad_mean, 'use_grad_mean')
   acc_dtype = _checks.check_float_dtype(accumulator_dtype, 'accumulator_dtype')
-  _checks.check_quantization(bits, block_size, code_map, min_quantized_size,
-                             stochastic_rounding)
-  quantizer = _quantization.make_quantizer(
-      bits, block_size, code_map,
-      DEFAULT_ACCUMULATOR_ROUNDING if stochastic_rounding is None
-      else stochastic_rounding, min_quantized_size)
+  quantizer = _leaves.quantizer(
+      bits, block_size, code_map, min_quantized_size, stochastic_rounding,
+      default_rounding=DEFAULT_ACCUMULATOR_ROUNDING)
   key = _keys.typed_key(key)
   k = _checks.check_micro_batches(micro_batches)
 

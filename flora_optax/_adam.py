@@ -14,9 +14,7 @@ import optax
 from flora_optax import _checks
 from flora_optax import _keys
 from flora_optax import _leaves
-from flora_optax import _quantization
 from flora_optax._projector import Projector
-from flora_optax._quantization import is_quantized
 from flora_optax._types import KeyLike
 
 # Measured (README, "Adam with quantized states"; benchmarks.quality's adamw
@@ -154,8 +152,8 @@ def scale_by_adam(
   if mu_dtype is not None:
     mu_dtype = _checks.check_float_dtype(mu_dtype, 'mu_dtype')
   _checks.check_bool(nesterov, 'nesterov')
-  _checks.check_quantization(bits, block_size, code_map, min_quantized_size,
-                             stochastic_rounding)
+  mu_q = _leaves.quantizer(bits, block_size, code_map, min_quantized_size,
+                           stochastic_rounding)
   _checks.check_choice(nu_code_map, 'nu_code_map', NU_CODE_MAPS)
   if bits is None:
     if stochastic_rounding:
@@ -164,13 +162,10 @@ def scale_by_adam(
     return optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype,
                                nesterov=nesterov)
   impl = _keys.key_impl(key)
-  mu_q = _quantization.make_quantizer(bits, block_size, code_map,
-                                      stochastic_rounding, min_quantized_size)
   # The same blocks and minimum size for both moments, so that a leaf's two
   # states are quantized together or not at all.
-  nu_q = _quantization.make_quantizer(
-      bits, mu_q.block_size, nu_code_map, stochastic_rounding,
-      mu_q.min_size, signed=False)
+  nu_q = _leaves.quantizer(bits, mu_q.block_size, nu_code_map, mu_q.min_size,
+                           stochastic_rounding, signed=False)
   # Every leaf is dense: the engine's plans without projection.
   projector = Projector(None)
 
@@ -194,24 +189,19 @@ def scale_by_adam(
       rounding = [_keys.cycle_key(state.key, count, purpose, impl=impl)
                   for purpose in ('adam_mu_rounding', 'adam_nu_rounding')]
 
-    outs, new_mu, new_nu, prev = [], [], [], None
+    outs, new_mu, new_nu, chain = [], [], [], _leaves.Chain()
     for i, (g, mu, nu) in enumerate(zip(mus.flatten(updates),
                                         mus.flatten(state.mu),
                                         nus.flatten(state.nu))):
       g32 = g.astype(mus.dtypes[i])
       # Each moment is decoded once the previous one is encoded again, so
-      # that one float32 copy is alive at a time (_quantization.after).
-      if prev is not None and is_quantized(mu):
-        mu = _quantization.after(prev, mu)
+      # that one float32 copy is alive at a time.
       # optax's arithmetic (optax.tree.update_moment and
       # update_moment_per_elem_norm), in float32.
-      m = (1 - b1) * g32 + b1 * mus.load_one(i, mu)
-      new_mu.append(_stored(mus, i, m, mu, rounding[0]))
-      if is_quantized(nu):
-        nu = _quantization.after(new_mu[-1], nu)
-      v = (1 - b2) * (g32 * g32) + b2 * nus.load_one(i, nu)
-      new_nu.append(_stored(nus, i, v, nu, rounding[1]))
-      prev = new_nu[-1] if is_quantized(nu) else prev
+      m = (1 - b1) * g32 + b1 * chain.load(mus, i, mu)
+      new_mu.append(chain.stored(_stored(mus, i, m, mu, rounding[0])))
+      v = (1 - b2) * (g32 * g32) + b2 * chain.load(nus, i, nu)
+      new_nu.append(chain.stored(_stored(nus, i, v, nu, rounding[1])))
       outs.append(_output(g32, m, v, count, b1, b2, eps, eps_root,
                           nesterov).astype(g.dtype))
     return mus.unflatten(outs), ScaleByAdamState(
@@ -236,8 +226,7 @@ def _output(g, m, v, count, b1, b2, eps, eps_root, nesterov):
 
 def _stored(leaves: _leaves.Leaves, i: int, value, old, key):
   """A moment as it is stored (a float one keeps its dtype)."""
-  return leaves.store_one(i, value, None if is_quantized(old) else old.dtype,
-                          key)
+  return leaves.store_one(i, value, old.dtype, key)
 
 
 def adamw(

@@ -33,10 +33,50 @@ from flora_optax import _checks
 from flora_optax import _keys
 from flora_optax import _nnx
 from flora_optax import _projection
+from flora_optax import _quantization
 from flora_optax import _sharding
 from flora_optax._projection import Item, LeafPlan
 from flora_optax._quantization import QuantizedArray, Quantizer, is_quantized
 from flora_optax._types import KeyPath
+
+
+def quantizer(bits: Any, block_size: Any = None, code_map: Any = None,
+              min_quantized_size: Any = None,
+              stochastic_rounding: Any = False, *,
+              default_rounding: bool = False,
+              **options: Any) -> Quantizer | None:
+  """The quantization keywords of a public builder, validated (a
+  ``ValueError``/``TypeError`` naming the keyword) and defaulted, in one
+  place: a :class:`Quantizer`, or None for ``bits=None``.
+  ``stochastic_rounding=None`` takes ``default_rounding``; ``options`` go to
+  ``make_quantizer`` (``signed``)."""
+  _checks.check_quantization(bits, block_size, code_map, min_quantized_size,
+                             stochastic_rounding)
+  return _quantization.make_quantizer(
+      bits, block_size, code_map,
+      default_rounding if stochastic_rounding is None else
+      stochastic_rounding, min_quantized_size, **options)
+
+
+class Chain:
+  """Orders the leaves of one update: a stored state is loaded once the
+  previous quantized one is stored again, so that one float copy is alive
+  at a time (``_quantization.after``)."""
+
+  def __init__(self):
+    self._prev = None
+
+  def load(self, leaves: 'Leaves', i: int, stored: Any) -> jax.Array:
+    """Leaf ``i``'s stored state as a float, after the previous leaf's."""
+    if self._prev is not None and is_quantized(stored):
+      stored = _quantization.after(self._prev, stored)
+    return leaves.load_one(i, stored)
+
+  def stored(self, x: Any) -> Any:
+    """Records a newly stored state; returns it."""
+    if is_quantized(x):
+      self._prev = x
+    return x
 
 
 @dataclasses.dataclass(frozen=True)

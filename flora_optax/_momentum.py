@@ -18,10 +18,8 @@ import optax
 from flora_optax import _checks
 from flora_optax import _keys
 from flora_optax import _leaves
-from flora_optax import _quantization
-from flora_optax._leaves import Leaves
+from flora_optax._leaves import Leaves, Quantizer
 from flora_optax._projector import Projector
-from flora_optax._quantization import Quantizer
 from flora_optax._types import (TRANSFERS, DimensionNumbersSpec, KeyLike,
                                 Projection, RankFn, Side, Transfer)
 
@@ -281,10 +279,8 @@ def compressed_momentum(
   _checks.check_bool(nesterov, 'nesterov')
   _checks.check_bool(residual, 'residual')
   acc_dtype = _checks.check_float_dtype(accumulator_dtype, 'accumulator_dtype')
-  _checks.check_quantization(bits, block_size, code_map, min_quantized_size,
-                             stochastic_rounding)
-  quantizer = _quantization.make_quantizer(
-      bits, block_size, code_map, stochastic_rounding, min_quantized_size)
+  quantizer = _leaves.quantizer(bits, block_size, code_map,
+                                min_quantized_size, stochastic_rounding)
   steps = _Momentum(projector, decay, resample_every, nesterov, transfer,
                     residual, acc_dtype, quantizer, key, impl)
   return optax.GradientTransformationExtraArgs(steps.init, steps.update)
@@ -382,33 +378,29 @@ class _Momentum:
     return g + plan.decompress(
         coef, plan.dual_rows(p, gram_inverse=gram_inv), sharding)
 
-  def _dense(self, leaves: Leaves, i: int, g32, old, prev):
+  def _dense(self, leaves: Leaves, i: int, g32, old, chain):
     """A dense leaf's update and new momentum: an exact EMA."""
     decay = self.decay
-    if prev is not None and _quantization.is_quantized(old):
-      # One float32 copy alive at a time (_quantization.after).
-      old = _quantization.after(prev, old)
-    new_m = (1 - decay) * g32 + decay * leaves.load_one(i, old)
+    new_m = (1 - decay) * g32 + decay * chain.load(leaves, i, old)
     out = decay * new_m + (1 - decay) * g32 if self.nesterov else new_m
     return out, new_m
 
   def _step_leaves(self, leaves: Leaves, gs, ps, stored, sketches, rounding):
     """Every leaf's update and stored new momentum, leaf after leaf."""
     invs = self._gram_invs(leaves, ps, self.residual)
-    outs, new_mu, prev = [], [], None
+    outs, new_mu, chain = [], [], _leaves.Chain()
     for i, (item, g, p, sh, inv) in enumerate(zip(
         leaves.items, gs, ps, leaves.shardings, invs)):
       g32 = g.astype(item.dtype)
       if p is None:
-        out, new_m = self._dense(leaves, i, g32, stored[i], prev)
+        out, new_m = self._dense(leaves, i, g32, stored[i], chain)
       else:
         s = item.plan.compress(g32, p, sh)
         new_m = (1 - self.decay) * s + self.decay * sketches[i]
         out = self._output(item.plan, g32, s, new_m, p, sh, inv)
       outs.append(out.astype(g.dtype))
-      new_mu.append(leaves.store_one(i, new_m, self.acc_dtype, rounding))
-      if _quantization.is_quantized(new_mu[-1]):
-        prev = new_mu[-1]
+      new_mu.append(chain.stored(
+          leaves.store_one(i, new_m, self.acc_dtype, rounding)))
     return outs, new_mu
 
   def update(self, updates, state, params=None, **extra_args):

@@ -13,6 +13,7 @@ import optax
 
 from flora_optax import _checks
 from flora_optax import _engine
+from flora_optax import _leaves
 from flora_optax import _quantization
 from flora_optax._quantization import QuantizedArray, is_quantized
 
@@ -114,12 +115,10 @@ def quantized(
     <https://arxiv.org/abs/2309.01507>`_, NeurIPS 2023.
   """
   _checks.check_transformation(inner, 'inner')
-  _checks.check_quantization(bits, block_size, code_map, min_quantized_size,
-                             None)
-  if bits is None:
+  quantizer = _leaves.quantizer(bits, block_size, code_map,
+                                min_quantized_size, signed=None)
+  if quantizer is None:
     return inner
-  quantizer = _quantization.make_quantizer(bits, block_size, code_map, False,
-                                           min_quantized_size, signed=None)
 
   def quantizer_of(path, leaf, param_shape):
     del path
