@@ -125,10 +125,46 @@ def quality_table(name: str) -> str:
   if name == 'benefit':
     return readme.benefit_table(payload)
   if name == 'budget':
-    return common.markdown_table(
-        ['task', 'budget', 'best row', 'final loss', 'state KiB', 'B/param',
-         'reference loss'], per_byte.budget_table(payload))
+    return budget_grids(per_byte.budget_table(payload), common.markdown_table)
   raise KeyError(name)
+
+
+# The study's long row names, shortened for the grids' cells.
+_SHORTER = (('Flora, residual, projection scale, optax position',
+             'Flora (default)'),
+            ('flora_optax.quantized(', 'quantized('),
+            ('optax.contrib.', ''))
+
+
+def _short(name: str) -> str:
+  for long, short in _SHORTER:
+    name = name.replace(long, short)
+  return name
+
+
+def budget_grids(rows: list[list[Any]], markdown_table: Any) -> str:
+  """``per_byte.budget_table``'s rows as one grid per reference state:
+  a row per task, a column per budget, the best row (and its loss) in each
+  cell."""
+  grids: dict[str, dict[str, dict[str, str]]] = {}
+  for task, budget, best, loss, *_ in rows:
+    found = re.fullmatch(r'(\S+) of (.+) \(\d+ KiB\)', budget)
+    if not found:
+      raise ValueError(f'unexpected budget {budget!r}')
+    fraction, reference = found.groups()
+    cell = ('–' if best == '–' else
+            f'{_short(best)} ({loss.split(" ±")[0]})')
+    grids.setdefault(reference, {}).setdefault(task, {})[fraction] = cell
+  out = []
+  for reference, tasks in grids.items():
+    fractions = list(dict.fromkeys(f for cells in tasks.values()
+                                   for f in cells))
+    out.append(f'**Budgets as fractions of the state of {reference}**\n')
+    out.append(markdown_table(
+        ['task'] + fractions,
+        [[task] + [cells.get(f, '–') for f in fractions]
+         for task, cells in tasks.items()]))
+  return '\n'.join(out)
 
 
 def demo_table() -> str:
@@ -157,7 +193,8 @@ class _Generated(SphinxDirective):
       LOGGER.warning('%s: cannot generate %r (%s: %s)', self.env.docname,
                      arg, type(e).__name__, e, location=self.get_location())
       return []
-    container = nodes.container(classes=['flora-generated'])
+    container = nodes.container(
+        classes=['flora-generated', f'flora-{self.name}-{arg}'])
     self.state.nested_parse(StringList(text.splitlines(), self.env.docname),
                             self.content_offset, container)
     return [container]
