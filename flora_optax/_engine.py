@@ -159,26 +159,23 @@ def check_separable(update: Callable[..., Any], layout: Layout,
       g + s + p + extra)
   out_updates, out_state = outs[:n], outs[n:]
 
-  def others(mask, k):
-    return [layout.param_paths[j] for j in range(n)
-            if mask >> j & 1 and j != k]
-
-  for k, mask in enumerate(out_updates):
-    if others(mask, k):
+  def check(mask, k, what, advice):
+    coupled = [layout.param_paths[j] for j in range(n)
+               if mask >> j & 1 and j != k]
+    if coupled:
       raise ValueError(
           'quantized: the inner transformation couples parameter leaves: '
-          f'its update of {_checks.leaf_name(layout.param_paths[k])} depends '
-          'on ' + ', '.join(_checks.leaf_name(q) for q in others(mask, k)[:3])
-          + ' (e.g. a global norm, as in optax.clip_by_global_norm). Put such '
+          f'its {what} depends on '
+          + ', '.join(_checks.leaf_name(q) for q in coupled[:3]) + advice)
+
+  for k, mask in enumerate(out_updates):
+    check(mask, k, f'update of {_checks.leaf_name(layout.param_paths[k])}',
+          ' (e.g. a global norm, as in optax.clip_by_global_norm). Put such '
           'transformations outside quantized, e.g. optax.chain('
           'optax.clip_by_global_norm(1.0), quantized(optax.adam(1e-3))).')
   for i, (mask, k) in enumerate(zip(out_state, layout.owner)):
-    if others(mask, k):
-      raise ValueError(
-          'quantized: the inner transformation couples parameter leaves: '
-          f'its state leaf {_checks.leaf_name(layout.state_paths[i])} depends '
-          'on ' + ', '.join(_checks.leaf_name(q) for q in others(mask, k)[:3])
-          + '. quantized runs only transformations whose update is separable '
+    check(mask, k, f'state leaf {_checks.leaf_name(layout.state_paths[i])}',
+          '. quantized runs only transformations whose update is separable '
           'over parameter leaves.')
 
 

@@ -64,16 +64,7 @@ def _loss(p):
 
 def _train(tx, params=None, steps=STEPS):
   params = _params() if params is None else params
-  state = tx.init(params)
-
-  @jax.jit
-  def step(p, s):
-    u, s = tx.update(jax.grad(_loss)(p), s, p)
-    return optax.apply_updates(p, u), s
-
-  for _ in range(steps):
-    params, state = step(params, state)
-  return params, state
+  return _train_from(tx, params, tx.init(params), steps)
 
 
 def _drift(params, ref, start):
@@ -279,6 +270,7 @@ def test_an_optax_checkpoint_restores_into_the_8bit_optimizer():
 
 
 def _train_from(tx, params, state, steps=4):
+  """``steps`` jitted steps on ``_loss`` from ``params`` and ``state``."""
   @jax.jit
   def step(p, s):
     u, s = tx.update(jax.grad(_loss)(p), s, p)
