@@ -104,13 +104,16 @@ def results_label(stem: str) -> str:
   jax_version = meta.get('jax', source.get('jax', d.get('jax')))
   optax_version = meta.get('optax', source.get('optax'))
   version = meta.get('flora_optax')
-  how = ''
-  if version is None:
-    version = _git_version(stem) or 'unknown'
-    how = ' (the version of the commit that wrote the file)'
+  if version is not None:
+    which = f'**flora_optax {version}**'
+  elif (version := _git_version(stem)) is not None:
+    which = (f'**flora_optax {version}** (the version of the commit that '
+             'wrote the file)')
+  else:  # no version field, no git history
+    which = 'a flora_optax version the file does not record'
   libs = ''.join(f', {name} {v}' for name, v in
                  (('jax', jax_version), ('optax', optax_version)) if v)
-  return (f'Measured with **flora_optax {version}**{how}{libs}, on '
+  return (f'Measured with {which}{libs}, on '
           f'**{_machine(stem, d)}**; source: '
           f'`{_relpath(stem)}`.')
 
