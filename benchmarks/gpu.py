@@ -13,8 +13,10 @@ Figures, all measured in one process against ``optax.adafactor(momentum=0.9)``
   time) and the number of instructions of the optimised HLO. Rows: adafactor
   with and without momentum, adamw, flora at every rank in both momentum
   modes, galore at the same ranks without its SVD refresh (its counter is
-  set past the refresh step, as in :mod:`benchmarks.optimizers`), and flora
-  with an ``rbg`` key if flora accepts one (the error is recorded otherwise).
+  set past the refresh step, as in :mod:`benchmarks.optimizers`), Lion, Muon
+  and AdEMAMix each next to ``flora_optax.quantized(..., bits=8)`` of itself
+  (with its ratios to its float self), and flora with an ``rbg`` key if
+  flora accepts one (the error is recorded otherwise).
 * **train step** of a GPT-2-sized byte-level model (12 layers, d_model 768,
   vocabulary 256, ~86M parameters; 8192 tokens a step on the accelerator),
   forward, backward, update and apply with params and state donated: time
@@ -167,8 +169,10 @@ def candidates(ranks, *, rbg_rank: int | None = None) -> list[Candidate]:
   Flora rows (every rank, in every momentum mode) come before GaLore's so
   that a run cut short by its budget still has them; quantized momentum
   (issue 18) in every direction and 8-/4-bit AdamW (issue 20, next to
-  ``adamw``) before them; ``rbg_rank`` adds flora (default mode) with an
-  ``rbg`` key last.
+  ``adamw``) before them; Lion, Muon and AdEMAMix each followed by
+  ``flora_optax.quantized`` of itself (issue 28, :func:`inner_candidates`)
+  between Flora's rows and GaLore's; ``rbg_rank`` adds flora (default mode)
+  with an ``rbg`` key last.
   """
   quantized = [Candidate(f'flora rank=None bits={b}', 'quantized', None,
                          lambda b=b: flora_optax.flora(LR, None, bits=b))
@@ -177,10 +181,42 @@ def candidates(ranks, *, rbg_rank: int | None = None) -> list[Candidate]:
                           lambda b=b: flora_optax.adamw(LR, bits=b))
                 for b in (8, 4)]
   out = common.candidates(ranks, residual=FLORA_MODES, extra=quantized)
+  first_galore = next((i for i, c in enumerate(out) if c.family == 'galore'),
+                      len(out))
+  out[first_galore:first_galore] = inner_candidates()
   if rbg_rank is not None:
     out.append(common.flora_row(rbg_rank, suffix=' key=rbg',
                                 family='flora-rbg',
                                 key=jax.random.key(0, impl='rbg')))
+  return out
+
+
+# Issue 28: other optax optimizers, each against ``flora_optax.quantized`` of
+# itself. The rows of ``benchmarks.quantized``'s ``inners`` section (same
+# names, LR and bits; a test checks it), listed here because that module
+# needs tqdm, which this script does without.
+INNERS = {
+    'optax.lion': lambda: optax.lion(LR),
+    'optax.contrib.muon': lambda: optax.contrib.muon(LR),
+    'optax.contrib.ademamix': lambda: optax.contrib.ademamix(LR),
+}
+INNER_BITS = 8
+
+
+def quantized_name(inner: str) -> str:
+  return f'quantized({inner}, bits={INNER_BITS})'
+
+
+def inner_candidates() -> list[Candidate]:
+  """Each of ``INNERS`` (family ``'inner'``), then its quantized self
+  (family ``'quantized'``, ``inner`` naming the float row)."""
+  out = []
+  for name, make in INNERS.items():
+    out.append(Candidate(name, 'inner', None, make))
+    out.append(Candidate(
+        quantized_name(name), 'quantized', None,
+        lambda make=make: flora_optax.quantized(make(), bits=INNER_BITS),
+        inner=name))
   return out
 
 
@@ -243,6 +279,27 @@ def _against_baseline(rows) -> None:
           (base['peak_bytes'] - row['peak_bytes']) / saved)
     if base['compile_s'] > 0:
       row['compile_s_ratio'] = row['compile_s'] / base['compile_s']
+
+
+def _against_inner(rows) -> None:
+  """Adds to each quantized row of another optimizer (its ``inner`` set) its
+  ratios to that float row: state, update time, compile time, and its peak
+  saving ÷ state saved (in place)."""
+  by = {r['optimizer']: r for r in rows}
+  for row in rows:
+    ref = by.get(row.get('inner'))
+    if ref is None:
+      continue
+    saved = ref['state_bytes'] - row['state_bytes']
+    row['inner_state_ratio'] = row['state_bytes'] / ref['state_bytes']
+    row['inner_peak_saving_over_state_saved'] = (
+        (ref['peak_bytes'] - row['peak_bytes']) / saved if saved > 0 else
+        None)
+    row['inner_update_ratio'] = (
+        row['update_s'] / ref['update_s']
+        if row.get('update_s') and ref.get('update_s') else None)
+    row['inner_compile_ratio'] = (row['compile_s'] / ref['compile_s']
+                                  if ref['compile_s'] > 0 else None)
 
 
 # --- sections ------------------------------------------------------------------
@@ -312,7 +369,9 @@ def update_section(size: Size, budget: Budget, log) -> dict[str, Any]:
       continue
     try:
       tx = c.make()
-      state = jax.jit(tx.init)(params)
+      # quantized(inner)'s state eagerly: jitted, XLA constant-folds the
+      # encoding of its zeros (~13 s per 768x3072 leaf on XLA:CPU).
+      state = (tx.init(params) if c.inner else jax.jit(tx.init)(params))
       if c.family == 'galore':
         state = common.galore_with_count(state, 1)
       compiled, mem, secs = _compile(
@@ -326,12 +385,13 @@ def update_section(size: Size, budget: Budget, log) -> dict[str, Any]:
       continue
     longest = max(longest, secs)
     rows.append(_compiled_row(c, state, mem, secs, log,
-                              hlo_ops=_hlo_ops(compiled)))
+                              hlo_ops=_hlo_ops(compiled), inner=c.inner))
     thunks[c.name] = common.Threaded(compiled, grads, state, params)
   samples = _interleave(thunks, size.repeats, budget)
   del thunks
   _finish_rows(rows, samples, 'update')
   _against_baseline(rows)
+  _against_inner(rows)
   return {'workload': 'gpt2-layout %dx%d vocab %d' % (
       size.update_layout[0], size.update_layout[1], size.update_layout[2]),
           'param_bytes': common.tree_bytes(shapes),
@@ -486,7 +546,12 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                 [r for r in flora_upd if r['rank'] <= 256], 'update_ratio',
                 lambda v: v <= 1.05),
         _target('flora update compile time ≤ 1.5× adafactor(m=0.9)\'s',
-                flora_upd, 'compile_s_ratio', lambda v: v <= 1.5)]
+                flora_upd, 'compile_s_ratio', lambda v: v <= 1.5),
+        _target('quantized(inner, bits=8): update peak saving ≥ 0.9× the '
+                'state saved (vs its float inner; issue 28)',
+                [r for r in upd if r.get('inner')],
+                'inner_peak_saving_over_state_saved', lambda v: v >= 0.9,
+                unit='')]
   if step:
     out += [
         _target('flora train step ≤ 1.03× adafactor(m=0.9)', flora_step,
@@ -562,6 +627,16 @@ def markdown(res: dict[str, Any]) -> str:
     lines += [f'## Update ({u["workload"]}, '
               f'{common.mib(u["param_bytes"]):.0f} MiB of float32 params)', '',
               _rows_table(u['rows'], 'update', '.2f', hlo=True)] + _notes(u)
+    inner = [r for r in u['rows'] if r.get('inner')]
+    if inner:
+      lines += ['### Quantized optimizers against their float selves '
+                '(issue 28)', '', common.markdown_table(
+                    ['optimizer', 'state ÷ float', 'peak saving ÷ state saved',
+                     'update ÷ float', 'compile ÷ float'],
+                    [[r['optimizer'], _fmt(r['inner_state_ratio'], '.3f'),
+                      _fmt(r['inner_peak_saving_over_state_saved'], '.2f'),
+                      _fmt(r['inner_update_ratio'], '.2f'),
+                      _fmt(r['inner_compile_ratio'], '.2f')] for r in inner])]
   if 'train_step' in res:
     s = res['train_step']
     lines += [f'## Train step ({s["params"] / 1e6:.1f}M params, '

@@ -11,7 +11,10 @@ the same run (interleaved medians):
   ``flora_optax.MultiSteps(..., rank=None, bits=8 / 4)`` and the rank-128
   float sketch, per call over a cycle of ``k`` micro-steps;
 * Adam: ``optax.adamw`` (the reference of this part), its bf16 first moment
-  (``mu_dtype``) and ``flora_optax.adamw(bits=8 / 4)``, both moments in codes.
+  (``mu_dtype``) and ``flora_optax.adamw(bits=8 / 4)``, both moments in codes;
+* other optimizers: ``optax.lion``, ``optax.contrib.muon`` and
+  ``optax.contrib.ademamix``, each against ``flora_optax.quantized(...,
+  bits=8)`` of itself (every large float state leaf in 8-bit codes).
 
 State bytes are checked against the formula of the codes (``n·bits/8`` bytes
 plus 4 per block of every quantized leaf). Targets of issue 18: a 768×3072
@@ -20,17 +23,24 @@ leaf's 8-bit state ≤ 0.26× and 4-bit ≤ 0.145× its float32 momentum;
 ≤ 1.5×, and its compiled update's peak lower than the baseline's by ≥ 0.9× the
 state it saves. Targets of issue 20, against ``optax.adamw``: 8-bit state
 ≤ 0.26×, 4-bit ≤ 0.145× for large leaves; update ≤ 1.3×, compile ≤ 1.5×,
-peak saving ≥ 0.9× the state saved.
+peak saving ≥ 0.9× the state saved. Targets of issue 28, each quantized
+optimizer against its float self: the 8-bit state of a 768×3072 leaf ≤ 0.26×
+the float one, peak saving ≥ 0.9× the state saved (update and compile times
+reported, not judged).
 
-Run: ``python -m benchmarks.quantized [--quick]`` (or as the ``quantized``
-part of ``python -m benchmarks``); writes ``results/quantized.{json,md}``.
+Run: ``python -m benchmarks.quantized [--quick] [--sections ...]`` (or as the
+``quantized`` part of ``python -m benchmarks``); writes
+``results/quantized.{json,md}``. ``--sections`` runs a subset and keeps the
+other sections' figures from the results file already there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -136,6 +146,90 @@ def adam_candidates() -> list[Candidate]:
   ]
 
 
+# Other optimizers, each against ``flora_optax.quantized`` of itself (issue
+# 28): the maker, the float state leaves a parameter leaf of a given shape
+# has, and the bytes of the rest of the state (counts, Muon's coefficients).
+def _muon_leaves(shape) -> int:
+  """Muon's momentum for a matrix; Adam's two moments for the rest."""
+  return 1 if len(shape) == 2 else 2
+
+
+INNERS: dict[str, tuple[Any, Any, int]] = {
+    'optax.lion': (lambda: optax.lion(LR), lambda s: 1, 4),  # count
+    # Muon's count and ns_coeffs (3 float32), its Adam part's count.
+    'optax.contrib.muon': (lambda: optax.contrib.muon(LR), _muon_leaves,
+                           4 + 12 + 4),
+    'optax.contrib.ademamix': (lambda: optax.contrib.ademamix(LR),
+                               lambda s: 3, 4 + 4),  # count, count_m2
+}
+INNER_BITS = 8
+
+
+def quantized_name(inner: str, bits: int = INNER_BITS) -> str:
+  return f'quantized({inner}, bits={bits})'
+
+
+def _formula_inner(shapes, inner: str, bits: int | None) -> int:
+  """``inner``'s state with every float leaf of a large parameter in
+  ``bits``-bit codes (``None``: float32)."""
+  _, leaves, fixed = INNERS[inner]
+  q = make_quantizer(bits) if bits else None
+  n = fixed
+  for s in optimizers._leaves(shapes):  # pylint: disable=protected-access
+    one = q.nbytes(s) if q and q.quantizes(s) else 4 * math.prod(s)
+    n += leaves(s) * one
+  return n
+
+
+def inner_candidates() -> list[Candidate]:
+  """The baseline (needed by the timing), then every optimizer of
+  ``INNERS`` followed by its quantized self."""
+  out = optimizers.candidates(())[:1]  # adafactor(m=0.9)
+  for name, (make, _, _) in INNERS.items():
+    out.append(Candidate(name, 'inner', None, make,
+                         lambda s, n=name: _formula_inner(s, n, None)))
+    out.append(Candidate(
+        quantized_name(name), 'quantized', None,
+        lambda make=make: flora_optax.quantized(make(), bits=INNER_BITS),
+        lambda s, n=name: _formula_inner(s, n, INNER_BITS), inner=name))
+  return out
+
+
+def eager_init_update_figures(cands, size: str, *,
+                              repeats: int) -> list[dict[str, Any]]:
+  """``optimizers.update_figures(cands, size, timed=True, ...)`` with each
+  state made by an eager ``tx.init`` rather than a jitted one.
+
+  Why: XLA constant-folds ``jax.jit(quantized(inner).init)`` (the encoding
+  of a state of zeros), which on XLA:CPU takes ~13 s per 768×3072 leaf;
+  eagerly the init takes seconds for the model. The update is compiled and
+  timed as there: donated state, interleaved medians, rows of the same
+  fields.
+  """
+  shapes = common.gpt2_shapes(size)
+  params = common.random_like(shapes, seed=0)
+  grads = common.random_like(shapes, seed=1, scale=1e-3)
+  rows, thunks = [], {}
+  for c in cands:
+    tx = c.make()
+    state = jax.block_until_ready(tx.init(params))
+    compiled, mem, secs = common.compile_timed(
+        lambda g, s, p, tx=tx: tx.update(g, s, p), grads, state, params,
+        donate_argnums=1)
+    rows.append({'workload': f'gpt2-{size}', 'optimizer': c.name,
+                 'family': c.family, 'rank': c.rank, 'k': c.k,
+                 'compile_s': secs, **mem})
+    thunks[c.name] = common.Threaded(compiled, grads, state, params)
+  samples = common.interleaved_samples(thunks, repeats=repeats, warmup=1)
+  med = {n: float(statistics.median(v)) for n, v in samples.items()}
+  for row in rows:
+    row['update_s'] = med[row['optimizer']]
+    row['update_ratio'] = med[row['optimizer']] / med[BASELINE]
+    row['amortised_update_s'] = row['update_s']
+    row['amortised_ratio'] = row['update_ratio']
+  return rows
+
+
 def _leaf_targets() -> list[dict[str, Any]]:
   out = []
   for bits, limit in ((8, 0.26), (4, 0.145)):
@@ -151,26 +245,18 @@ def _leaf_targets() -> list[dict[str, Any]]:
   return out
 
 
-def run(quick: bool = False, log=print) -> dict[str, Any]:
+SECTIONS = ('momentum', 'multisteps', 'adam', 'inners')
+
+
+def run(quick: bool = False, log=print,
+        sections: Sequence[str] = SECTIONS,
+        previous: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Measures ``sections``; the others are taken from ``previous`` (a
+  results payload of the same workload), which must then be given."""
   size = 'nano' if quick else 'small'
   repeats = 2 if quick else 7
   t0 = time.perf_counter()
-  cands = momentum_candidates(16 if quick else RANK)
   shapes = common.gpt2_shapes(size)
-  log(f'state bytes, gpt2-{size}')
-  state = optimizers.state_bytes(cands, [size])
-  log(f'compiled update on gpt2-{size}: memory, compile, time')
-  update = optimizers.update_figures(cands, size, timed=True, repeats=repeats,
-                                     desc='update')
-  log(f'MultiSteps on gpt2-{size}')
-  ms = optimizers.multisteps_figures(
-      multisteps_candidates(16 if quick else RANK, K), size, repeats=repeats,
-      desc='multisteps')
-  log(f'Adam on gpt2-{size}')
-  adam_cands = adam_candidates()
-  adam = dict(state=optimizers.state_bytes(adam_cands, [size]),
-              update=optimizers.update_figures(
-                  adam_cands, size, timed=True, repeats=repeats, desc='adam'))
   res = dict(meta=dict(quick=quick, jax=jax.__version__,
                        optax=optax.__version__,
                        flora_optax=flora_optax.__version__,
@@ -178,8 +264,61 @@ def run(quick: bool = False, log=print) -> dict[str, Any]:
                        devices=str(jax.devices()[0]), baseline=BASELINE,
                        workload=f'gpt2-{size}',
                        param_bytes=common.tree_bytes(shapes),
-                       xla_flags=os.environ.get('XLA_FLAGS', '')),
-             state=state, update=update, multisteps=ms, adam=adam)
+                       xla_flags=os.environ.get('XLA_FLAGS', ''),
+                       sections=list(sections)))
+  # The sections of update rows; with --quick, one compile of the baseline
+  # and one interleaved timing for all of them (the smoke test's time is
+  # compilation), each section its own timing otherwise (the inners' states
+  # made eagerly: see eager_init_update_figures).
+  groups = {}
+  if 'momentum' in sections:
+    groups['momentum'] = momentum_candidates(16 if quick else RANK)
+  if 'adam' in sections:
+    groups['adam'] = adam_candidates()
+  if 'inners' in sections:
+    groups['inners'] = inner_candidates()
+  merged = {}
+  if quick and groups:
+    every = list({c.name: c for cs in groups.values() for c in cs}.values())
+    log(f'state bytes and compiled updates on gpt2-{size} (merged)')
+    merged = dict(state=optimizers.state_bytes(every, [size]),
+                  update=eager_init_update_figures(every, size,
+                                                   repeats=repeats))
+  for key in SECTIONS:  # in this order
+    if key == 'multisteps' and key in sections:
+      log(f'MultiSteps on gpt2-{size}')
+      res['multisteps'] = optimizers.multisteps_figures(
+          multisteps_candidates(16 if quick else RANK, K), size,
+          repeats=repeats, desc='multisteps')
+    if key not in groups:
+      continue
+    cands = groups[key]
+    if merged:
+      names = [c.name for c in cands]
+      part = {k: sorted([r for r in v if r['optimizer'] in names],
+                        key=lambda r: names.index(r['optimizer']))
+              for k, v in merged.items()}
+    else:
+      log(f'{key} on gpt2-{size}: state bytes, compiled update')
+      measure = (eager_init_update_figures if key == 'inners' else
+                 lambda *a, **kw: optimizers.update_figures(
+                     *a, timed=True, desc=key, **kw))
+      part = dict(state=optimizers.state_bytes(cands, [size]),
+                  update=measure(cands, size, repeats=repeats))
+    if key == 'momentum':
+      res.update(part)
+    else:
+      res[key] = part
+  kept = [s for s in SECTIONS if s not in sections]
+  if kept:
+    if previous is None or previous['meta']['workload'] != f'gpt2-{size}':
+      raise ValueError(f'sections {kept} not run and no previous results of '
+                       f'gpt2-{size} to keep them from')
+    for sec in kept:
+      for key in (('state', 'update') if sec == 'momentum' else (sec,)):
+        res[key] = previous[key]
+    res['meta']['kept'] = dict(sections=kept,
+                               wall_s=previous['meta']['wall_s'])
   res['targets'] = targets(res)
   res['meta']['wall_s'] = time.perf_counter() - t0
   return res
@@ -194,7 +333,6 @@ def _against(name: str, ref: str, rows: dict[str, Any], update_limit: float,
   """Update time, compile time and peak saving of row ``name`` against row
   ``ref`` of the same run (``rows``: its ``state`` and ``update`` rows)."""
   q, b = _row(rows['update'], name), _row(rows['update'], ref)
-  qs, bs = _row(rows['state'], name), _row(rows['state'], ref)
   ratio = q['update_s'] / b['update_s']
   out = [dict(target=f'{name}: update ≤ {update_limit}× {ref}',
               figures=f"{ratio:.2f}× ({q['update_s'] * 1e3:.0f} vs "
@@ -203,25 +341,34 @@ def _against(name: str, ref: str, rows: dict[str, Any], update_limit: float,
   out.append(dict(target=f'{name}: {compile_what} ≤ 1.5× {ref}',
                   figures=f"{ratio:.2f}× ({q['compile_s']:.1f} vs "
                   f"{b['compile_s']:.1f} s)", met=ratio <= 1.5))
+  return out + [_peak_target(name, ref, rows)]
+
+
+def _peak_target(name: str, ref: str, rows: dict[str, Any],
+                 vs: str = '') -> dict[str, Any]:
+  """Row ``name``'s compiled update peak saving against row ``ref``'s, as a
+  multiple of the state bytes it saves (target: ≥ 0.9×)."""
+  q, b = _row(rows['update'], name), _row(rows['update'], ref)
+  qs, bs = _row(rows['state'], name), _row(rows['state'], ref)
   saved = bs['state_bytes'] - qs['state_bytes']
   peak_saved = b['peak_bytes'] - q['peak_bytes']
-  out.append(dict(
-      target=f'{name}: update peak saving ≥ 0.9× the state saved',
+  return dict(
+      target=f'{name}: update peak saving ≥ 0.9× the state saved{vs}',
       figures=f'peak {common.mib(q["peak_bytes"]):.1f} vs '
       f'{common.mib(b["peak_bytes"]):.1f} MiB: saves '
       f'{common.mib(peak_saved):.1f} MiB = {peak_saved / saved:.2f}× the '
       f'{common.mib(saved):.1f} MiB of state saved',
-      met=peak_saved >= 0.9 * saved))
-  return out
+      met=peak_saved >= 0.9 * saved)
 
 
 def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
   out = _leaf_targets() + _against('flora rank=None bits=8', BASELINE, res,
                                    1.15, 'update compile')
-  worst = max(r['formula_rel_err'] for r in res['state'] + res['adam']['state'])
+  worst = max(r['formula_rel_err'] for r in res['state'] +
+              res['adam']['state'] + res['inners']['state'])
   out.append(dict(target='state bytes equal the formula',
                   figures=f'largest deviation {worst:.3%}', met=worst == 0))
-  return out + adam_targets(res['adam'])
+  return out + adam_targets(res['adam']) + inner_targets(res['inners'])
 
 
 def adam_targets(adam: dict[str, Any]) -> list[dict[str, Any]]:
@@ -240,6 +387,24 @@ def adam_targets(adam: dict[str, Any]) -> list[dict[str, Any]]:
   return out
 
 
+def inner_targets(inners: dict[str, Any]) -> list[dict[str, Any]]:
+  """Issue 28's targets: each quantized optimizer against its float self in
+  the same run."""
+  out = []
+  params = {'w': jax.ShapeDtypeStruct((768, 3072), jnp.float32)}
+  for name, (make, _, _) in INNERS.items():
+    full = common.state_bytes(make(), params)
+    ratio = common.state_bytes(
+        flora_optax.quantized(make(), bits=INNER_BITS), params) / full
+    out.append(dict(target=f'{quantized_name(name)}: state of a 768×3072 '
+                    f"leaf ≤ 0.26× {name}'s", figures=f'{ratio:.4f}×',
+                    met=ratio <= 0.26))
+  for name in INNERS:
+    out.append(_peak_target(quantized_name(name), name, inners,
+                            vs=f' (vs {name})'))
+  return out
+
+
 def markdown(res: dict[str, Any]) -> str:
   meta = res['meta']
   lines = [
@@ -250,7 +415,10 @@ def markdown(res: dict[str, Any]) -> str:
       f"`{meta['xla_flags'] or '-'}`; wall {meta['wall_s']:.0f} s). Times are "
       'medians of interleaved calls with the state donated, as ratios to '
       f"`{meta['baseline']}` in the same run; peak = XLA's "
-      '`memory_analysis()` of the compiled update.\n',
+      '`memory_analysis()` of the compiled update.'
+      + (f" Sections {', '.join(meta['kept']['sections'])} kept from the "
+         f"previous run (wall {meta['kept']['wall_s']:.0f} s); their ratios "
+         'are to that run\'s rows.' if meta.get('kept') else '') + '\n',
       '## Targets\n',
       common.markdown_table(['target', 'figures', 'met'], [
           [t['target'], t['figures'], 'yes' if t['met'] else '**no**']
@@ -297,17 +465,56 @@ def markdown(res: dict[str, Any]) -> str:
       ['optimizer', 'state MiB', f'state ÷ {ADAMW}', 'state bytes / param',
        'update peak MiB', 'update ms', f'update ÷ {ADAMW}', 'compile s'],
       rows))
+  lines.append(f'## Other optimizers in `quantized(..., bits={INNER_BITS})`\n')
+  lines.append(common.markdown_table(
+      ['optimizer', 'state MiB', 'state ÷ float', 'state bytes / param',
+       'update peak MiB', 'peak saving ÷ state saved', 'update ms',
+       'update ÷ float', 'compile s', 'compile ÷ float'],
+      inner_rows(res['inners'], meta['param_bytes'])))
   return '\n'.join(lines)
+
+
+def inner_rows(inners: dict[str, Any], param_bytes: int) -> list[list[str]]:
+  """The table rows of the other optimizers: each float one, then its
+  quantized self with ratios to it."""
+  st = {r['optimizer']: r for r in inners['state']}
+  up = {r['optimizer']: r for r in inners['update']}
+  rows = []
+  for name in INNERS:
+    for row in (name, quantized_name(name)):
+      s, u, fs, fu = st[row], up[row], st[name], up[name]
+      saved = fs['state_bytes'] - s['state_bytes']
+      rows.append([
+          row, f"{common.mib(s['state_bytes']):.1f}",
+          f"{s['state_bytes'] / fs['state_bytes']:.3f}",
+          f"{s['state_bytes'] / param_bytes * 4:.2f}",
+          f"{common.mib(u['peak_bytes']):.0f}",
+          f"{(fu['peak_bytes'] - u['peak_bytes']) / saved:.2f}"
+          if saved else '-',
+          f"{u['update_s'] * 1e3:.0f}", f"{u['update_s'] / fu['update_s']:.2f}",
+          f"{u['compile_s']:.1f}", f"{u['compile_s'] / fu['compile_s']:.2f}"])
+  return rows
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
   p = argparse.ArgumentParser(prog='python -m benchmarks.quantized',
                               description=__doc__.split('\n')[0])
   p.add_argument('--quick', action='store_true', help='tiny smoke-test size')
+  p.add_argument('--sections', default=','.join(SECTIONS),
+                 help='comma-separated subset of ' + ','.join(SECTIONS) +
+                 '; the others are kept from the results file')
   args = p.parse_args(argv)
-  common.avoid_xla_cpu_hang()
-  res = run(args.quick)
+  sections = [x.strip() for x in args.sections.split(',') if x.strip()]
+  bad = [x for x in sections if x not in SECTIONS]
+  if bad or not sections:
+    p.error(f'--sections: unknown {bad}; choose from {SECTIONS}')
   name = os.path.join('quick', NAME) if args.quick else NAME
+  previous = None
+  if set(sections) != set(SECTIONS):
+    with open(os.path.join(common.RESULTS_DIR, name + '.json')) as f:
+      previous = json.load(f)
+  common.avoid_xla_cpu_hang()
+  res = run(args.quick, sections=sections, previous=previous)
   os.makedirs(os.path.join(common.RESULTS_DIR, 'quick'), exist_ok=True)
   paths = common.write_results(name, res, markdown(res))
   for t in res['targets']:

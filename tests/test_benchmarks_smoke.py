@@ -146,8 +146,14 @@ def test_gpu_quick_run_writes_every_section(tmp_path):
   assert set(impls) | set(res['projection']['errors']) == set(gpu.PRNG_IMPLS)
   for row in impls.values():
     assert row['generate_s'] > 0 and row['generate_over_compress'] > 0, row
+  # Lion, Muon, AdEMAMix and quantized(..., bits=8) of each (issue 28),
+  # with ratios to their float selves and a peak target.
+  for name in gpu.INNERS:
+    q = upd[gpu.quantized_name(name)]
+    assert q['inner'] == name and q['inner_state_ratio'] < 0.5, q
+    assert q['inner_update_ratio'] > 0 and q['inner_compile_ratio'] > 0, q
   assert {t['met'] for t in res['targets']} <= {True, False}
-  assert len(res['targets']) == 6
+  assert len(res['targets']) == 7
 
 
 def test_gpu_quality_section_quick():
@@ -270,11 +276,26 @@ def test_quantized_quick_run():
   st = {r['optimizer']: r['state_bytes'] for r in res['state']}
   base = st[quantized.BASELINE]
   assert st['flora rank=None bits=4'] < st['flora rank=None bits=8'] < base
-  # Momentum's and AdamW's (issue 20) state-bytes targets of a large leaf.
+  # Momentum's, AdamW's (issue 20) and the other optimizers' (issue 28)
+  # state-bytes targets of a large leaf.
   leaf = [t for t in res['targets'] if '768×3072' in t['target']]
-  assert len(leaf) == 4 and all(t['met'] for t in leaf)
+  assert len(leaf) == 4 + len(quantized.INNERS) and all(t['met'] for t in leaf)
   adam = {r['optimizer']: r['state_bytes'] for r in res['adam']['state']}
   assert (adam['flora_optax.adamw(bits=4)'] < adam['flora_optax.adamw(bits=8)']
           < adam['optax.adamw'])
+  # Lion, Muon, AdEMAMix against quantized(..., bits=8) of themselves: the
+  # bytes of the codes' formula, a peak target each, a table row each.
+  inner = {r['optimizer']: r for r in res['inners']['state']}
+  assert all(r['formula_rel_err'] == 0 for r in inner.values()), inner
+  for name in quantized.INNERS:
+    q = quantized.quantized_name(name)
+    assert inner[q]['state_bytes'] < 0.3 * inner[name]['state_bytes']
+    assert any(t['target'].startswith(q + ': update peak saving')
+               for t in res['targets'])
+    assert f'| {q} |' in text
+  # --quick compiles the baseline once for every section of update rows.
+  assert {r['optimizer'] for r in res['inners']['update']} == set(inner)
+  from benchmarks import gpu  # pylint: disable=g-import-not-at-top
+  assert list(gpu.INNERS) == list(quantized.INNERS)
   assert {r['family'] for r in res['multisteps']} >= {
       'optax.MultiSteps', 'flora.MultiSteps bits=8'}
