@@ -14,12 +14,27 @@ REFERENCES = (('adafactor', 'Adafactor with float32 momentum'),
               ('adamw', 'optax.adamw'))
 
 
-def _rows(payload: dict[str, Any], task: str) -> list[dict[str, Any]]:
+def other_base(r: dict[str, Any], payload: dict[str, Any]) -> bool:
+  """Whether row ``r`` started from another pretrained model than its
+  task's recorded one (``loss_before`` differs: pretrained on a machine
+  whose XLA:CPU rounds differently). Such rows compare with each other, not
+  with the task's other rows."""
+  before = r.get('loss_before')
+  task = payload['tasks'].get(r['task'], {}).get('settings', {})
+  return (before is not None and 'loss_before' in task and
+          abs(before - task['loss_before']) > 1e-6)
+
+
+def _rows(payload: dict[str, Any], task: str,
+          same_base: bool = True) -> list[dict[str, Any]]:
   """The task's rows that trained (a finite loss), accumulation rows left out
-  (their bytes are an accumulator's, their updates see K times the data)."""
+  (their bytes are an accumulator's, their updates see K times the data);
+  ``same_base``: only those on the task's recorded pretrained model
+  (:func:`other_base`), the others alone otherwise."""
   return [r for r in payload['rows']
           if r['task'] == task and r.get('accumulate', 1) == 1 and
-          r['mean'] == r['mean'] and r['mean'] != float('inf')]
+          r['mean'] == r['mean'] and r['mean'] != float('inf') and
+          other_base(r, payload) != same_base]
 
 
 def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -73,7 +88,9 @@ def markdown_section(payload: dict[str, Any]) -> list[str]:
            'its optimizer state for the task\'s model, and those bytes per '
            'parameter of the model (LoRA\'s too: per parameter of the model '
            'it fine-tunes). The Pareto front: the rows that no other row '
-           'beats with fewer or equal bytes.\n']
+           'beats with fewer or equal bytes. Rows marked † started from '
+           'another pretrained model than the task\'s (see its table) and '
+           'are left out of the fronts and budgets.\n']
   for task in payload['tasks']:
     front = pareto(_rows(payload, task))
     if front:
@@ -96,7 +113,8 @@ def plot(payload: dict[str, Any], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  tasks = [t for t in payload['tasks'] if _rows(payload, t)]
+  tasks = [t for t in payload['tasks']
+           if _rows(payload, t) or _rows(payload, t, same_base=False)]
   if not tasks:
     return
   cols = min(2, len(tasks))
@@ -107,6 +125,7 @@ def plot(payload: dict[str, Any], path: str) -> None:
     ax.axis('off')
   for ax, task in zip(axes.flat, tasks):
     rows = _rows(payload, task)
+    others = _rows(payload, task, same_base=False)
     families = {'adamw': 'tab:purple', 'flora': 'tab:blue',
                 'galore': 'tab:brown',
                 'momentum': 'tab:green', 'adafactor': 'k', 'lora': 'tab:orange',
@@ -118,7 +137,15 @@ def plot(payload: dict[str, Any], path: str) -> None:
                     if r['optimizer'].startswith(k)), 'tab:gray')
       ax.errorbar(r['state_bytes'] / 1024, r['mean'], yerr=r['std'], fmt='o',
                   ms=4, color=color, alpha=0.7)
-    used = {k for r in rows for k in families
+    for r in others:  # hollow: another pretrained base, off the front
+      color = next((c for k, c in families.items()
+                    if r['optimizer'].startswith(k)), 'tab:gray')
+      ax.errorbar(r['state_bytes'] / 1024, r['mean'], yerr=r['std'], fmt='o',
+                  ms=4, color=color, mfc='none', alpha=0.7)
+    if others:
+      ax.plot([], [], 'o', ms=4, color='gray', mfc='none',
+              label='† other pretrained base')
+    used = {k for r in rows + others for k in families
             if r['optimizer'].startswith(k)}
     for k, c in families.items():  # one legend entry per family
       if k in used:

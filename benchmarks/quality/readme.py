@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from benchmarks import common
+from benchmarks.quality.per_byte import other_base
 from benchmarks.quality.report import _find, noise
 from benchmarks.quality.settings import NAME, NOISE_MULT
 
@@ -36,11 +37,24 @@ ROWS = (
     ('`optax.adamw`', 'adamw', None),
     ('`adamw(bits=8)`', 'adamw_8bit', None),
     ('`adamw(bits=4)`', 'adamw_4bit', None),
+    # Other optimizers, float and in codes (issue 28; run when named).
+    ('`optax.contrib.muon`', 'muon', None),
+    ('`quantized(muon, bits=8)`', 'muon_8bit', None),
+    ('`quantized(muon, bits=4)`', 'muon_4bit', None),
+    ('`optax.lion`', 'lion', None),
+    ('`quantized(lion, bits=8)`', 'lion_8bit', None),
+    ('`quantized(lion, bits=4)`', 'lion_4bit', None),
+    ('`optax.contrib.ademamix`', 'ademamix', None),
+    ('`quantized(ademamix, bits=8)`', 'ademamix_8bit', None),
+    ('`optax.sgd(momentum=0.9)`', 'sgd_momentum', None),
+    ('`quantized(sgd, bits=8)`', 'sgd_momentum_8bit', None),
 )
-# Rows without a "benefit of momentum kept" (the references, and AdamW's,
-# whose first moment is not Adafactor's).
+# Rows without a "benefit of momentum kept" (the references, and the other
+# optimizers', whose first moment is not Adafactor's).
 NO_BENEFIT = ('adafactor', 'adafactor_nomomentum', 'adamw', 'adamw_8bit',
-              'adamw_4bit')
+              'adamw_4bit', 'muon', 'muon_8bit', 'muon_4bit', 'lion',
+              'lion_8bit', 'lion_4bit', 'ademamix', 'ademamix_8bit',
+              'sgd_momentum', 'sgd_momentum_8bit')
 
 
 def _decimals(reference: float) -> int:
@@ -69,8 +83,10 @@ def loss_table(payload: dict[str, Any]) -> str:
     per = sorted(r['bytes_per_param'] for r in found.values() if r)
     span = (f'{per[0]:.2f}' if f'{per[0]:.2f}' == f'{per[-1]:.2f}' else
             f'{per[0]:.2f}–{per[-1]:.2f}')
+    # †: started from another pretrained model than the task's other rows.
     cells = ['-' if r is None else
-             f"{r['mean']:.{digits[t]}f} ± {r['std']:.{digits[t]}f}"
+             f"{r['mean']:.{digits[t]}f} ± {r['std']:.{digits[t]}f}" +
+             (' †' if other_base(r, payload) else '')
              for t, r in found.items()]
     table.append([label, span] + cells)
   return common.markdown_table(['row', 'B/param'] + tasks, table)

@@ -9,6 +9,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.quality import per_byte
+from benchmarks.quality.per_byte import other_base
 from benchmarks.quality.watchdog import row_key
 from benchmarks.quality.settings import (ACCUMULATE, ADAFACTOR,
                                          BENEFIT_TARGETS, MAX_HANGS,
@@ -171,6 +172,8 @@ def _task_tables(payload: dict[str, Any]) -> list[str]:
       grid = ', '.join(f'{x:g}' for x in r['lrs'])
       if r['lr_grid_extended']:
         grid += ' (extended)'
+      if other_base(r, payload):
+        mark += f" † (base: {r['loss_before']:.4f} before fine-tuning)"
       table.append([(v.label if v else r['optimizer']) + mark,
                     r['ratio'] or '-', r['rank'] or '-',
                     f"{r['best_lr']:g}", _fmt(r), per_seed, grid,
