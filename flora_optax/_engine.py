@@ -294,7 +294,12 @@ class Engine:
     stored = []
     for i, x in enumerate(leaves):
       q = self._quantizer(layout, i, x)
-      stored.append(x if q is None else q.encode(x, dtype=jnp.result_type(x)))
+      if q is not None:
+        # A barrier: under jit the inner's zeros are a constant, and XLA:CPU
+        # spent seconds a leaf constant-folding their encoding.
+        x = q.encode(jax.lax.optimization_barrier(x),
+                     dtype=jnp.result_type(x))
+      stored.append(x)
     return _nnx.quantized_outside(layout.state_treedef.unflatten(stored))
 
   def update(self, updates: Any, state: Any, params: Any,
