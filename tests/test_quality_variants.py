@@ -89,8 +89,17 @@ def test_other_optimizer_rows_build_float_and_quantized():
            'sgd_momentum': lambda lr: optax.sgd(lr, momentum=0.9)}
   bits = {'muon': (8, 4), 'lion': (8, 4), 'ademamix': (8,),
           'sgd_momentum': (8,)}
-  names = {n for n, v in vs.items() if v.named_only}
+  names = {n for n, v in vs.items() if v.named_only and not v.ablation}
   assert names == {f'{n}_{b}bit' for n in bits for b in bits[n]} | set(bits)
+  is_q = lambda x: isinstance(x, flora_optax.QuantizedArray)  # noqa: E731
+  # The companded-map ablations: named only, quantized with code_map='sqrt'.
+  for name in ('muon_8bit_sqrt', 'lion_8bit_sqrt'):
+    assert vs[name].named_only and vs[name].ablation
+    state = vs[name].make(1e-2, None, 0, 10).init(
+        {'w': jnp.zeros((64, 64))})
+    q = [x for x in jax.tree.leaves(state, is_leaf=is_q) if is_q(x)]
+    assert q and all(x.format.code_map == 'sqrt' and x.format.bits == 8
+                     for x in q)
   # 4096 entries: quantized (min_quantized_size); the vector stays float.
   params = {'w': jnp.linspace(-1.0, 1.0, 64 * 64).reshape(64, 64),
             'b': jnp.linspace(0.0, 1.0, 64)}

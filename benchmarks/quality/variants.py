@@ -288,12 +288,13 @@ OTHER_OPTIMIZERS: dict[str, tuple[str, Callable[[optax.ScalarOrSchedule],
 
 def _other(inner: Callable[[optax.ScalarOrSchedule],
                            optax.GradientTransformation],
-           bits: int | None) -> MakeTx:
+           bits: int | None, **options: Any) -> MakeTx:
   """``inner(lr)`` itself (``bits=None``) or ``flora_optax.quantized`` of
-  it, its large state leaves in ``bits``-bit codes."""
+  it, its large state leaves in ``bits``-bit codes (``options``: its
+  keywords)."""
   def make(lr, rank, key, resample_every):
     del rank, key, resample_every
-    return flora_optax.quantized(inner(lr), bits=bits)
+    return flora_optax.quantized(inner(lr), bits=bits, **options)
   return make
 
 
@@ -308,6 +309,15 @@ def _other_rows() -> list[Variant]:
                           f'flora_optax.quantized({label}, bits={b})',
                           _other(inner, b), ranked=False, lr_factor=factor,
                           named_only=True))
+  # Ablation: the companded map for signed blocks, where 8-bit codes missed
+  # (Muon and Lion on the small tasks; issue 29's maps).
+  for name in ('muon', 'lion'):
+    label, inner, factor, _ = OTHER_OPTIMIZERS[name]
+    rows.append(Variant(f'{name}_8bit_sqrt',
+                        f"flora_optax.quantized({label}, bits=8, "
+                        "code_map='sqrt')",
+                        _other(inner, 8, code_map='sqrt'), ranked=False,
+                        lr_factor=factor, ablation=True, named_only=True))
   return rows
 
 
