@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -195,41 +194,6 @@ def inner_candidates() -> list[Candidate]:
   return out
 
 
-def eager_init_update_figures(cands, size: str, *,
-                              repeats: int) -> list[dict[str, Any]]:
-  """``optimizers.update_figures(cands, size, timed=True, ...)`` with each
-  state made by an eager ``tx.init`` rather than a jitted one.
-
-  Why: XLA constant-folds ``jax.jit(quantized(inner).init)`` (the encoding
-  of a state of zeros), which on XLA:CPU takes ~13 s per 768×3072 leaf;
-  eagerly the init takes seconds for the model. The update is compiled and
-  timed as there: donated state, interleaved medians, rows of the same
-  fields.
-  """
-  shapes = common.gpt2_shapes(size)
-  params = common.random_like(shapes, seed=0)
-  grads = common.random_like(shapes, seed=1, scale=1e-3)
-  rows, thunks = [], {}
-  for c in cands:
-    tx = c.make()
-    state = jax.block_until_ready(tx.init(params))
-    compiled, mem, secs = common.compile_timed(
-        lambda g, s, p, tx=tx: tx.update(g, s, p), grads, state, params,
-        donate_argnums=1)
-    rows.append({'workload': f'gpt2-{size}', 'optimizer': c.name,
-                 'family': c.family, 'rank': c.rank, 'k': c.k,
-                 'compile_s': secs, **mem})
-    thunks[c.name] = common.Threaded(compiled, grads, state, params)
-  samples = common.interleaved_samples(thunks, repeats=repeats, warmup=1)
-  med = {n: float(statistics.median(v)) for n, v in samples.items()}
-  for row in rows:
-    row['update_s'] = med[row['optimizer']]
-    row['update_ratio'] = med[row['optimizer']] / med[BASELINE]
-    row['amortised_update_s'] = row['update_s']
-    row['amortised_ratio'] = row['update_ratio']
-  return rows
-
-
 def _leaf_targets() -> list[dict[str, Any]]:
   out = []
   for bits, limit in ((8, 0.26), (4, 0.145)):
@@ -268,8 +232,7 @@ def run(quick: bool = False, log=print,
                        sections=list(sections)))
   # The sections of update rows; with --quick, one compile of the baseline
   # and one interleaved timing for all of them (the smoke test's time is
-  # compilation), each section its own timing otherwise (the inners' states
-  # made eagerly: see eager_init_update_figures).
+  # compilation), each section its own timing otherwise.
   groups = {}
   if 'momentum' in sections:
     groups['momentum'] = momentum_candidates(16 if quick else RANK)
@@ -282,8 +245,9 @@ def run(quick: bool = False, log=print,
     every = list({c.name: c for cs in groups.values() for c in cs}.values())
     log(f'state bytes and compiled updates on gpt2-{size} (merged)')
     merged = dict(state=optimizers.state_bytes(every, [size]),
-                  update=eager_init_update_figures(every, size,
-                                                   repeats=repeats))
+                  update=optimizers.update_figures(
+                      every, size, timed=True, repeats=repeats,
+                      desc='merged'))
   for key in SECTIONS:  # in this order
     if key == 'multisteps' and key in sections:
       log(f'MultiSteps on gpt2-{size}')
@@ -300,11 +264,9 @@ def run(quick: bool = False, log=print,
               for k, v in merged.items()}
     else:
       log(f'{key} on gpt2-{size}: state bytes, compiled update')
-      measure = (eager_init_update_figures if key == 'inners' else
-                 lambda *a, **kw: optimizers.update_figures(
-                     *a, timed=True, desc=key, **kw))
       part = dict(state=optimizers.state_bytes(cands, [size]),
-                  update=measure(cands, size, repeats=repeats))
+                  update=optimizers.update_figures(
+                      cands, size, timed=True, repeats=repeats, desc=key))
     if key == 'momentum':
       res.update(part)
     else:
