@@ -84,10 +84,6 @@ class Layout:
         [x if i == k else None for i, x in enumerate(leaves)])
 
 
-def _flat_with_paths(tree: Any) -> tuple[list[tuple[KeyPath, Any]], Any]:
-  return jax.tree_util.tree_flatten_with_path(tree)
-
-
 def layout_of(init: Callable[[Any], Any], params: Any) -> Layout:
   """The :class:`Layout` of ``init``'s state for ``params`` (traced only)."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(
@@ -99,14 +95,16 @@ def layout_of(init: Callable[[Any], Any], params: Any) -> Layout:
     return treedef.unflatten([x if i == k else None for i, x in
                               enumerate(treedef.flatten_up_to(like))])
 
-  full, state_treedef = _flat_with_paths(jax.eval_shape(init, like))
+  full, state_treedef = jax.tree_util.tree_flatten_with_path(
+      jax.eval_shape(init, like))
   index = {path: i for i, (path, _) in enumerate(full)}
-  shared = {path for path, _ in _flat_with_paths(
+  shared = {path for path, _ in jax.tree_util.tree_flatten_with_path(
       jax.eval_shape(init, restrict(-1)))[0]}
   owner = [-1] * len(full)
   calls = []
   for k in range(n):
-    leaves, treedef_k = _flat_with_paths(jax.eval_shape(init, restrict(k)))
+    leaves, treedef_k = jax.tree_util.tree_flatten_with_path(
+        jax.eval_shape(init, restrict(k)))
     indices = []
     for path, _ in leaves:
       if path not in index:
