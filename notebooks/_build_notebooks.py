@@ -29,9 +29,13 @@ INSTALL_CELL = f"""\
 # panel (left bar, folder icon): it lands in /content, this notebook's
 # folder, where the pattern above finds it. The value may also be the path
 # of a wheel or of a checkout of the project, or 'flora-optax' once it is
-# published on PyPI. The [notebooks] extra adds only what this notebook
-# imports (flax, matplotlib); Colab's own packages, ipykernel included,
-# are left as they are unless older than flora_optax's floors (README).
+# published on PyPI. The [notebooks] extra is what this notebook imports
+# beyond jax and optax: flax and matplotlib, each with its dependencies
+# (flax brings orbax-checkpoint, tensorstore and others). pip installs
+# them where missing or older than flora_optax's floors (the docs' Getting
+# started page) and leaves the rest, ipykernel included, as it is.
+# %pip ends with "you may need to restart the kernel": no restart is
+# needed, as nothing it installs has been imported yet in this session.
 # Where flora_optax is already installed (e.g. in CI), this cell does nothing.
 import glob
 import importlib.util
@@ -57,7 +61,9 @@ if importlib.util.find_spec('flora_optax') is None:
 COLAB_NOTE = (
     '**On Colab:** File → Upload notebook (this `.ipynb`), upload the '
     'flora_optax wheel to the session (how to make it: the next cell, or '
-    'the README\'s "Colab" section), then run all cells.')
+    'the README\'s "Colab" section), then run all cells. The install cell '
+    'ends with %pip\'s note that you may need to restart the kernel: ignore '
+    'it, no restart is needed.')
 
 
 def header(name: str, title: str, intro: str) -> list:
