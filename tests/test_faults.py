@@ -1,6 +1,6 @@
 """Non-finite gradients: what they do to sketches, and how to keep a run clean.
 
-Documented behaviour (README, "Guarantees and limits"):
+Documented behaviour (docs/explain/guarantees.md, "Guarantees and limits"):
 
 * ``compressed_momentum``: a non-finite entry ``G[i, j]`` of a compressed
   leaf poisons the whole line of the sketch that shares its *kept* index (row

@@ -1,8 +1,10 @@
-"""The README's tables of "Which state compression", from the results JSON.
+"""The loss and benefit tables of the docs' "Choosing a compressor" page.
 
-``python -m benchmarks.quality.readme`` prints them; ``tests/test_readme.py``
-checks that the README holds exactly these, so its decision is read from the
-measured rows and changes with them.
+Made from the results JSON: ``docs/_ext/flora_tables.py`` calls them when the
+site is built (the ``{flora-quality-table}`` directive of
+``docs/choosing.md``), so the decision is read from the measured rows and
+changes with them. ``python -m benchmarks.quality.readme`` prints them. (The
+module keeps its name from when the README held these tables.)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from benchmarks.quality.settings import NAME, NOISE_MULT
 
 # The columns: the tasks where momentum is clear first.
 TASK_ORDER = ('lm_deep', 'finetune', 'regression', 'mlp', 'autoencoder', 'lm')
-# (README label, optimizer, d/r); 'default' is the library's Flora.
+# (row label, optimizer, d/r); 'default' is the library's Flora.
 ROWS = (
     ('Adafactor, float32 momentum', 'adafactor', None),
     ('Adafactor, bf16 momentum', 'adafactor_bf16', None),
@@ -116,7 +118,7 @@ def benefit_table(payload: dict[str, Any]) -> str:
 
 
 def tables(payload: dict[str, Any]) -> str:
-  """Both tables, as the README prints them."""
+  """Both tables, as ``docs/choosing.md`` shows them."""
   return loss_table(payload) + '\n' + benefit_table(payload)
 
 
