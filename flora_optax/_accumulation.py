@@ -118,9 +118,9 @@ def _zero_updates(inner, updates, inner_state, params) -> Any:
   return _leaves.zeros_of(shapes)
 
 
-# Measured (README, "Quantized states"): an accumulator adds K comparable
-# terms, and nearest rounding of each partial mean biases the sum; stochastic
-# rounding keeps it unbiased.
+# Measured (docs/benchmarks/quality.md, "Quantized states"): an accumulator
+# adds K comparable terms, and nearest rounding of each partial mean biases
+# the sum; stochastic rounding keeps it unbiased.
 DEFAULT_ACCUMULATOR_ROUNDING = True
 
 
@@ -150,22 +150,18 @@ class MultiSteps:
     tx = flora_optax.MultiSteps(optax.adamw(1e-3), every_k_schedule=8,
                                 rank=128)
 
-  Two differences:
-
-  * **Memory.** The accumulator of a compressed ``n×m`` matrix is the sketch
-    ``S = Σ_i g_i P_jᵀ`` (or ``P_j g_i``): ``r·max(n, m)`` numbers with
-    ``side='smaller'`` (``r·min(n, m)`` with ``'larger'``) instead of ``n·m``.
-    Vectors, scalars and matrices whose compressed axis is ``≤ rank`` are
-    accumulated densely, exactly as ``optax.MultiSteps`` does. At the end of
-    cycle ``j`` the inner optimizer receives ``decompress_j(S)``, an unbiased
-    estimate of the accumulated gradient. Cycle ``j`` (``gradient_step``) uses
-    its own projection ``P_j``, so successive updates are not confined to one
-    subspace.
-  * **Compute.** The inner optimizer runs only on the last micro-step of a
-    cycle, inside ``lax.cond``; ``optax.MultiSteps`` runs it on every
-    micro-step and selects the result. Each micro-step instead costs one
-    projection ``O(n·m·r)`` per compressed matrix, and the last one a
-    decompression of the same cost.
+  Two differences. **Memory:** the accumulator of a compressed ``n×m``
+  matrix is a sketch of ``r·max(n, m)`` numbers (``side='smaller'``) instead
+  of ``n·m``, or with ``rank=None, bits=8`` the dense accumulator in 8-bit
+  codes; vectors, scalars and matrices whose compressed axis is ``≤ rank``
+  are accumulated exactly. At the end of cycle ``j`` (``gradient_step``) the
+  inner optimizer receives ``decompress_j`` of the sketch, an unbiased
+  estimate, with a fresh projection each cycle. **Compute:** the inner
+  optimizer runs only on the last micro-step of a cycle, inside
+  ``lax.cond`` (``optax.MultiSteps`` runs it on every micro-step); each
+  micro-step costs one ``O(n·m·r)`` projection per compressed matrix instead.
+  See the documentation's pages :doc:`/howto/accumulation`
+  (``docs/howto/accumulation.md``) and :doc:`/explain/flora`.
 
   Args:
     opt: the wrapped optimizer (an ``optax.GradientTransformation``).

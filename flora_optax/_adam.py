@@ -17,9 +17,10 @@ from flora_optax import _leaves
 from flora_optax._projector import Projector
 from flora_optax._types import KeyLike
 
-# Measured (README, "Adam with quantized states"; benchmarks.quality's adamw
-# rows): the second moment is stored as codes of ``sqrt(v)`` that exclude
-# zero (``'sqrt'``); a linear map of ``v`` itself loses its small entries.
+# Measured (docs/benchmarks/quality.md, "AdamW in 8 and 4 bits";
+# benchmarks.quality's adamw rows): the second moment is stored as codes of
+# ``sqrt(v)`` that exclude zero (``'sqrt'``); a linear map of ``v`` itself
+# loses its small entries.
 NU_CODE_MAPS = ('sqrt', 'linear')
 DEFAULT_NU_CODE_MAP = 'sqrt'
 
@@ -74,13 +75,12 @@ def scale_by_adam(
     m ← β_1 m + (1-β_1) g,\quad v ← β_2 v + (1-β_2) g^2,\quad
     u = \frac{m / (1-β_1^t)}{\sqrt{v / (1-β_2^t) + ε_{root}} + ε},
 
-  outputs ``u`` from these float32 moments, and encodes the new ones. Why
-  ``v``'s codes exclude zero: a block's absmax is set by its largest entry,
-  and with a map that has a zero code the small entries of ``v`` decode to
-  zero, so that ``m / sqrt(v)`` explodes (Li et al.'s zero-point problem).
-  Here the smallest code stands for ``absmax / 2**bits`` (``'linear'``) or
-  ``absmax / 4**bits`` (``'sqrt'``: codes of ``sqrt(v)``, the default); an
-  entry below it is rounded up to it, which only shortens its step.
+  outputs ``u`` from these float32 moments, and encodes the new ones.
+  ``v``'s smallest code stands for ``absmax / 2**bits`` (``'linear'``) or
+  ``absmax / 4**bits`` (``'sqrt'``: codes of ``sqrt(v)``, the default), never
+  zero; an entry below it is rounded up to it. Why (Li et al.'s zero-point
+  problem): the documentation's pages :doc:`/explain/quantized_format`
+  (``docs/explain/quantized_format.md``) and :doc:`/howto/quantized`.
 
   Args:
     b1: decay of the first moment, in ``[0, 1)``.

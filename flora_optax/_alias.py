@@ -60,7 +60,11 @@ def flora(
   second moment is Adafactor's factored one (never randomly projected: a
   projected second moment can go negative); the first moment of every matrix
   is kept as an ``r·max(n, m)`` sketch instead of ``n·m``. Arguments shared
-  with ``optax.adafactor`` have its names and defaults.
+  with ``optax.adafactor`` have its names and defaults. The math, and why
+  residual momentum sits in optax's position: the documentation's pages
+  :doc:`/explain/flora` (``docs/explain/flora.md``) and
+  :doc:`/benchmarks/quality`; which compressor for which memory budget:
+  :doc:`/choosing`.
 
   Args:
     learning_rate: a float or an ``optax`` schedule; ``None`` leaves updates
@@ -160,9 +164,10 @@ def flora(
     Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear
     Memory Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
-  # Measured (README, "Which momentum"): in residual mode the momentum sits
-  # where optax.adafactor puts it, after clipping, learning rate and
-  # parameter scale; the paper's puts it right after scale_by_factored_rms.
+  # Measured (docs/benchmarks/quality.md, "Which momentum"): in residual
+  # mode the momentum sits where optax.adafactor puts it, after clipping,
+  # learning rate and parameter scale; the paper's puts it right after
+  # scale_by_factored_rms.
   paper_position = not residual
   # rank and min_dim_size_to_factor set state shapes. Under
   # optax.inject_hyperparams a number not in static_args arrives as an array

@@ -10,7 +10,8 @@ time (``init``/``update``) and name the offending leaf.
 
 Values that may arrive traced (``optax.inject_hyperparams`` passes
 hyperparameters as arrays) are checked for type and shape only; their range is
-checked when they are concrete.
+checked when they are concrete. What a user is promised for bad input: the
+documentation's "Guarantees and limits" page (``docs/explain/guarantees.md``).
 """
 
 from __future__ import annotations

@@ -8,30 +8,17 @@ break ``np.asarray``, msgpack and ``optax.tree`` casts). A projection's key is
 
   ``fold_in(fold_in(fold_in(root, purpose), cycle), leaf_id)``
 
-where ``purpose`` separates momentum from accumulation (one user key never
-yields the same projection for both), ``cycle`` numbers resample cycles, and
-``leaf_id`` identifies the leaf (below).
+where ``purpose`` separates momentum from accumulation (and from the noise of
+stochastic rounding), ``cycle`` numbers resample cycles, and ``leaf_id`` is a
+CRC32 of the leaf's key path reduced to its keys, names and indices (a final
+NNX ``.value`` dropped), not of its containers (:func:`leaf_id`). The PRNG
+implementation is static: a typed key's own, or ``jax_default_prng_impl``
+when the optimizer is built (:func:`key_impl`); stored key data is rewrapped
+with it (``impl=`` of :func:`cycle_key`).
 
-**PRNG implementation.** Every implementation JAX ships works
-(``threefry2x32``, ``rbg``, ``unsafe_rbg``, ...). The implementation is static:
-that of a typed key, or the default implementation
-(``jax_default_prng_impl``) when the optimizer is built, for an int seed or
-raw key data. The optimizers check the user's key and fix its implementation
-once, at construction (:func:`key_impl`), and rewrap the stored key data with
-it (``impl=`` of :func:`cycle_key`).
-
-**Leaf identity.** ``leaf_id`` is a CRC32 of the sequence of the entries of the
-leaf's key path, each reduced to its key, name or index: ``DictKey.key``,
-``GetAttrKey.name``, ``SequenceKey.idx``, ``FlattenedIndexKey.key``, with a
-final ``.value`` dropped (the attribute under which a Flax NNX ``Variable``
-holds its array). It depends on those keys and indices (and on whether each
-is an int or a string), not on the container types: the same parameters in a
-``dict``, a Flax ``FrozenDict``, an ``nnx.State`` (with or without
-``Variable`` objects), a dataclass with the same field names, or a list in
-place of a dict with keys ``0, 1, ...`` get the same projections, so a
-checkpoint restored into another container resumes exactly. Renaming or re-nesting a
-parameter changes its projections; adding a parameter does not reshuffle the
-others'. Keys of other types are rendered with ``repr``.
+Why, and what it guarantees (the same projections in any container holding
+the same parameter names, after a restore, on any mesh): the documentation's
+"Keys and determinism" page (``docs/explain/keys.md``).
 """
 
 from __future__ import annotations
@@ -209,8 +196,13 @@ def _path_entry(entry: Any) -> int | str:
 def leaf_id(path: Any) -> int:
   """A stable 31-bit id of a leaf's key path (the same in every process).
 
-  It depends only on the path's keys, names and indices (see the module
-  docstring), not on the containers that hold the leaf.
+  Each entry of the path is reduced to its key, name or index
+  (``DictKey.key``, ``GetAttrKey.name``, ``SequenceKey.idx``,
+  ``FlattenedIndexKey.key``; keys of other types by ``repr``), a final
+  ``.value`` (a Flax NNX ``Variable``'s array) is dropped, and the CRC32 of
+  the entries as JSON is taken: it depends only on the path's keys, names
+  and indices (and on whether each is an int or a string), not on the
+  containers that hold the leaf.
   """
   entries = [_path_entry(e) for e in path]
   if entries and isinstance(path[-1], jax.tree_util.GetAttrKey) and (

@@ -76,10 +76,10 @@ def _warn_unstable(compressed: Any, decay: Any, resample_every: Any,
         stacklevel=_checks.user_stacklevel())
 
 
-# Measured (README, "Which momentum"): residual=True is the default, with the
-# part of the momentum inside the subspace output as its orthogonal
-# projection (``Π M``; ``decompress(M)``, about d/r times larger, trained
-# worse).
+# Measured (docs/benchmarks/quality.md, "Which momentum"): residual=True is
+# the default, with the part of the momentum inside the subspace output as
+# its orthogonal projection (``Π M``; ``decompress(M)``, about d/r times
+# larger, trained worse).
 DEFAULT_RESIDUAL = True
 
 
@@ -121,54 +121,18 @@ def compressed_momentum(
   ``nesterov=True`` replaces the momentum term by ``β·(momentum) + (1 - β)·
   (its input)``, restricted to the subspace in residual mode.
 
-  Why residual is the default: the paper's output ``decompress_c(C)`` has a
-  relative error of about ``sqrt(d/r)`` and, within a cycle, every update lies
-  in one ``r``-dimensional subspace; measured, it trains worse than no
-  momentum at all. The residual output keeps every direction of the update
-  and the momentum where the sketch has it (the idea of FRUGAL and Fira, here
-  with key-derived projections). Measured (README, "Which momentum"), it is
-  never worse than no momentum, but recovers only part of the benefit of a
-  dense momentum. The state and its size are the same in both modes; a
-  residual step costs the same two ``O(n·m·r)`` products plus an ``r×r``
-  inverse.
+  Leaves that are not compressed keep an exact dense EMA (``optax.ema``
+  without debiasing) in both modes. With ``bits`` the stored momentum (the
+  sketch, or with ``rank=None`` the dense momentum of every leaf) is kept in
+  block-wise 8- or 4-bit codes and decoded for each step's float32 math;
+  ``rank=r, bits=8`` stores Flora's sketch in 8 bits.
 
-  Leaves that are not compressed keep an exact dense EMA (``optax.ema`` without
-  debiasing) in both modes. With ``resample_every=None`` the projection never
-  changes: with ``residual=False`` the result equals LoRA with a frozen random
-  ``A``. With ``r = d`` and ``'orthogonal'`` both modes equal ``optax.ema``.
-
-  Transfer: in residual mode the carried momentum ``Π_{c-1} M`` is projected
-  onto the new subspace (``transfer='unbiased'`` and ``'projected'`` coincide
-  there, and never increase its norm; ``'reset'`` starts from zero). In paper
-  mode, an unbiased transfer multiplies the expected norm of the carried
-  momentum by about ``sqrt(d/r)`` while the EMA shrinks it by
-  ``β**resample_every`` between transfers. When ``β**κ · sqrt(d/r) > 1`` the
-  momentum grows without bound; ``init`` then warns
-  (:class:`TransferStabilityWarning`). ``transfer='projected'`` re-projects
-  through the pseudo-inverse of the new projection instead (never increases
-  the norm, biased towards zero by about ``r/d``); ``transfer='reset'`` starts
-  each cycle from zero.
-
-  ``resample_every`` may change at run time (``optax.inject_hyperparams``):
-  the state keeps the cycle its sketches are in, and the first step in another
-  cycle transfers them from that cycle's projection.
-
-  Quantized states (``bits=8`` or ``4``): the stored momentum (the sketch, or
-  with ``rank=None`` the dense momentum of every leaf) is kept as block-wise
-  codes, one float32 absmax per block of ``block_size`` entries along its
-  last axis. Each step decodes it, runs the float32 math above, outputs the
-  update from this float32 value, and encodes the new momentum. Measured at
-  the bytes of a ``d/r = 4`` sketch, full-rank 8-bit momentum trains like
-  float32 momentum where the sketch recovers part of its benefit (README,
-  "Quantized states"). ``rank`` and ``bits`` compose: ``rank=r, bits=8``
-  stores Flora's sketch in 8 bits.
-
-  Limits: the step counter is ``int32`` and saturates at ``2**31 - 1``; from
-  then on the cycle, and so the projection, stays fixed (no more transfers).
-  A non-finite gradient entry poisons its line of the sketch (the entries
-  sharing its uncompressed index) for good: wrap the optimizer in
-  ``optax.apply_if_finite`` to skip such steps, which leaves the state
-  bit-identical.
+  Why residual is the default (measured), why unbiased transfers can make
+  paper-mode momentum diverge (:class:`TransferStabilityWarning`), and what
+  the quantized momentum keeps: see the documentation's page
+  :doc:`/explain/flora` (``docs/explain/flora.md``); long runs and
+  non-finite gradients: :doc:`/explain/guarantees`
+  (``docs/explain/guarantees.md``).
 
   Args:
     rank: the rank, an int or a callable ``(path, leaf) -> int | None`` (see
@@ -176,6 +140,8 @@ def compressed_momentum(
       quantized with ``bits``).
     decay: the EMA decay ``β`` in ``[0, 1)``.
     resample_every: ``κ``, steps per projection; ``None`` never resamples.
+      It may change at run time (``optax.inject_hyperparams``): the state
+      keeps the cycle its sketches are in.
     nesterov: use the Nesterov-style output.
     key: an int seed, a typed key or raw ``uint32`` key data.
     accumulator_dtype: dtype of the stored sketches and moments (float32 by
@@ -184,7 +150,13 @@ def compressed_momentum(
     side: ``'smaller'`` or ``'larger'``, the matrix axis to compress.
     dimension_numbers: the matrix view of higher-rank leaves (see
       :class:`Projector`).
-    transfer: ``'unbiased'`` (the paper's), ``'projected'`` or ``'reset'``.
+    transfer: how a sketch moves to a new cycle's projection:
+      ``'unbiased'`` (the paper's), ``'projected'`` (through the
+      pseudo-inverse of the new projection: never increases the norm) or
+      ``'reset'`` (zeros). In residual mode ``'unbiased'`` and
+      ``'projected'`` coincide; in paper mode ``init`` warns where
+      ``decay**resample_every * sqrt(d/r) > 1`` makes ``'unbiased'``
+      unstable.
     residual: output the momentum inside the subspace plus the current
       update outside it (``True``, the default), or the paper's decompressed
       sketch (``False``, Algorithm 2 bit for bit).

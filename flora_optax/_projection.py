@@ -16,6 +16,8 @@ This module holds the math of one leaf (:class:`LeafPlan`), the planning rule
 that makes a leaf's plan from its shape, and the drawing of many leaves'
 projections at once. Trees are handled by ``_leaves`` (the engine the
 optimizers share) and :class:`flora_optax.Projector` (the public tree API).
+The math, and the residual mode's row-space projector: the documentation's
+"Flora's math" page (``docs/explain/flora.md``).
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ class LeafPlan:
   ``rank is None`` means the leaf is kept dense (exact). Otherwise the axes in
   ``compress_axes`` (size ``d`` together) are replaced by one axis of size
   ``rank`` placed where the first of them was; ``batch_axes`` each get their
-  own projection.
+  own projection. The math: :doc:`/explain/flora`
+  (``docs/explain/flora.md``).
 
   Attributes:
     shape: the leaf's shape.

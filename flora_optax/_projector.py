@@ -27,7 +27,9 @@ class Projector:
   compressed to ``r``. Scalars, vectors and leaves whose compressed axis is not
   larger than an int ``rank`` stay dense (passed through exactly). Every
   projection is redrawn from ``fold_in(key, leaf_id)`` where it is needed;
-  nothing but the key is kept.
+  nothing but the key is kept. The math and the choice of ``projection`` and
+  ``side``: :doc:`/explain/flora` (``docs/explain/flora.md``); how keys and
+  leaf ids are made: :doc:`/explain/keys`.
 
   Args:
     rank: the rank ``r``: a positive int, or a callable ``(path, leaf) -> int

@@ -10,26 +10,12 @@ compressed has a ``(n, r)`` sketch sharded ``P('data', None)``. Counters and
 keys are replicated. :func:`state_shardings` gives these shardings for a
 whole optimizer state.
 
-What one update communicates, per compressed leaf ``(n, m)`` compressed along
-``m`` (the mirror case is symmetric), with ``n`` sharded over mesh axes
-``A_n`` and ``m`` over ``A_m``:
-
-* drawing ``P`` (``r×m``): nothing. Threefry is counter-based
-  (``jax_threefry_partitionable``, the default since JAX 0.5), so each device
-  draws the block it needs and the values are the same on every mesh;
-* compression ``G Pᵀ``: each device multiplies its own gradient block, then
-  one all-reduce over ``A_m`` of its ``n/|A_n| × r`` sketch block (nothing if
-  ``m`` is not sharded). The gradient itself is never gathered;
-* decompression ``C P``: nothing (each device expands its own block);
-* on the first step of a cycle, the ``r×r`` transfer matrix ``P_old P_newᵀ``:
-  at most an all-reduce over ``A_m`` of ``r²`` values;
-* dense leaves: nothing (element-wise).
-
-:func:`flora_optax.flora` adds what ``optax.adafactor`` does too: all-reduces
-of the factored row/column statistics (``n + m`` values) and of the scalars
-of ``clip_by_block_rms``/``scale_by_param_block_rms``. Sharding the axis that
-is compressed costs the sketch all-reduce; sharding only the other axis (or
-compressing the unsharded one, see ``side``) costs none.
+Per compressed leaf, an update communicates one all-reduce of the local sketch
+block over the mesh axes that shard the compressed axis (none if it is not
+sharded), and at most an ``r×r`` all-reduce on the first step of a cycle;
+projections are drawn locally (Threefry is counter-based) and the gradient
+is never gathered. The case-by-case account: the documentation's "Sharded
+states and communication" page (``docs/explain/sharding.md``).
 """
 
 from __future__ import annotations
