@@ -26,6 +26,7 @@ from flora_optax._projection import LeafPlan as LeafPlan
 from flora_optax._projector import Projector as Projector
 from flora_optax._quantization import QuantizedArray as QuantizedArray
 from flora_optax._quantization import QuantizedFormat as QuantizedFormat
+from flora_optax._quantization import code_values as code_values
 from flora_optax._quantized import from_float_state as from_float_state
 from flora_optax._quantized import quantized as quantized
 from flora_optax._quantized import to_float_state as to_float_state
@@ -47,6 +48,7 @@ __all__ = [
     'TransferStabilityWarning',
     'accumulate_gradients',
     'adamw',
+    'code_values',
     'compressed_momentum',
     'cycle_key',
     'flora',

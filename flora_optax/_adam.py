@@ -14,6 +14,7 @@ import optax
 from flora_optax import _checks
 from flora_optax import _keys
 from flora_optax import _leaves
+from flora_optax import _quantization
 from flora_optax._projector import Projector
 from flora_optax._types import KeyLike
 
@@ -21,7 +22,7 @@ from flora_optax._types import KeyLike
 # benchmarks.quality's adamw rows): the second moment is stored as codes of
 # ``sqrt(v)`` that exclude zero (``'sqrt'``); a linear map of ``v`` itself
 # loses its small entries.
-NU_CODE_MAPS = ('sqrt', 'linear')
+NU_CODE_MAPS = _quantization.UNSIGNED_CODE_MAPS
 DEFAULT_NU_CODE_MAP = 'sqrt'
 
 
@@ -94,9 +95,12 @@ def scale_by_adam(
       under ``optax.inject_hyperparams`` list it in ``static_args``.
     block_size: entries per block along the last axis; ``None``: 256 for 8
       bits, 64 for 4 bits.
-    code_map: the first moment's map, ``'linear'`` (default) or ``'sqrt'``.
-    nu_code_map: the second moment's map, ``'sqrt'`` (codes of ``sqrt(v)``,
-      the default) or ``'linear'`` (codes of ``v``); both exclude zero.
+    code_map: the first moment's map (:func:`code_values`): ``'sqrt'``,
+      ``'normal'``, ``'linear'``, ``'dynamic'`` or ``'log'``; ``None``:
+      ``'sqrt'`` for 8 bits, ``'normal'`` for 4.
+    nu_code_map: the second moment's map, unsigned, excluding zero:
+      ``'sqrt'`` (codes of ``sqrt(v)``, the default), ``'linear'`` (codes
+      of ``v``), ``'dynamic'`` or ``'log'``.
     min_quantized_size: leaves with fewer entries stay float; ``None``: 4096.
     stochastic_rounding: round codes at random, unbiased in value, with noise
       derived from ``key`` and the step.
@@ -274,8 +278,8 @@ def adamw(
     bits: ``None`` (``optax.adamw``), ``8`` or ``4`` (see
       :func:`scale_by_adam`; static under ``optax.inject_hyperparams``).
     block_size: entries per block; ``None``: 256 (8 bits) or 64 (4 bits).
-    code_map: the first moment's map, ``'linear'`` or ``'sqrt'``.
-    nu_code_map: the second moment's map, ``'sqrt'`` or ``'linear'``.
+    code_map: the first moment's map; see :func:`scale_by_adam`.
+    nu_code_map: the second moment's map; see :func:`scale_by_adam`.
     min_quantized_size: leaves with fewer entries stay float; ``None``: 4096.
     stochastic_rounding: unbiased random rounding of the codes.
     key: seed of the stochastic rounding's noise.

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flora_optax import _quantization
 from flora_optax._types import (DimensionNumbers, KeyPath,
                                 is_dimension_numbers_leaf)
 
@@ -230,7 +231,7 @@ def check_quantization(bits: Any, block_size: Any, code_map: Any,
       raise ValueError(f'`{name}` must be an int >= {low} or None, got '
                        f'{value}.')
   if code_map is not None:
-    check_choice(code_map, 'code_map', ('linear', 'sqrt'))
+    check_choice(code_map, 'code_map', _quantization.CODE_MAPS)
   if stochastic_rounding is not None:
     check_bool(stochastic_rounding, 'stochastic_rounding')
 

@@ -9,13 +9,22 @@ along the **last axis** (never across the flattened array), so that a leaf
 sharded along any axis is quantized shard-locally as long as each shard of the
 last axis holds whole blocks, and the scales shard like the codes. For block
 ``b`` with absmax ``s_b``, each entry's ``u = x / s_b ∈ [-1, 1]`` is mapped to
-an integer code in ``[-L, L]`` (``L = 127`` for 8 bits, ``7`` for 4 bits):
+an integer code in ``[-L, L]`` (``L = 127`` for 8 bits, ``7`` for 4 bits);
+code ``c`` decodes to ``s_b`` times the map's value of ``c``
+(:func:`~flora_optax.code_values` lists them):
 
+* ``'sqrt'`` (companded; the 8-bit default):
+  ``code = round(L·sign(u)·sqrt(|u|))``, decoded as ``sign(c)·(|c|/L)²``:
+  finer steps near zero, where most of a state's entries are;
+* ``'normal'`` (the 4-bit default): quantiles of a normal distribution,
+  ``±Φ⁻¹(1/2 + 0.4677·i/L) / Φ⁻¹(0.9677)`` for ``i = 1..L`` and 0, the
+  nearest by value;
 * ``'linear'``: ``code = round(L·u)``;
-* ``'sqrt'`` (companded): ``code = round(L·sign(u)·sqrt(|u|))``, decoded as
-  ``sign(c)·(|c|/L)²``: finer steps near zero, where most of a momentum's
-  entries are. Measured no better than ``'linear'`` (the default) on our
-  tasks, and dearer to compute (README, "Quantized states").
+* ``'dynamic'`` (dynamic exponent) and ``'log'`` (powers of two): finer
+  still near zero, coarser near the absmax; measured worse (ablations).
+
+Which is the default was measured (docs/benchmarks/quality.md): round-trip
+error against bitsandbytes' bounds and the study's tasks.
 
 With ``stochastic_rounding`` the code is the lower or upper neighbour of
 ``u`` with the probability that makes the *decoded value* unbiased (for any
@@ -24,7 +33,8 @@ map), from noise drawn with a key: deterministic, and the same on any mesh.
 **Unsigned codes** (``signed=False``, for a state that is never negative,
 such as Adam's second moment) use all ``2**bits`` codes on ``u ∈ [0, 1]``
 and exclude zero: code ``c ∈ [0, 2**bits - 1]`` decodes to
-``u = (c + 1) / 2**bits`` (``'linear'``) or its square (``'sqrt'``). A
+``u = (c + 1) / 2**bits`` (``'linear'``), its square (``'sqrt'``, the
+default) or a table value (``'dynamic'``, ``'log'``). A
 small but non-zero entry is never decoded as zero (Li et al.'s zero-point
 problem: ``m / sqrt(v)`` would explode); entries under the smallest code
 are rounded up to it.
@@ -46,22 +56,27 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import statistics
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-CODE_MAPS = ('linear', 'sqrt')
+CODE_MAPS = ('sqrt', 'normal', 'linear', 'dynamic', 'log')
+UNSIGNED_CODE_MAPS = ('sqrt', 'linear', 'dynamic', 'log')
 BITS = (8, 4)
-# Measured defaults (README, "Quantized states"; benchmarks.quality's
-# ablation rows): the linear map, as good as the companded one at 8 bits and
-# at 4 bits slightly better on two of three tasks (within noise), and cheaper
-# to compute; blocks of 256 for 8 bits (as bitsandbytes and torchao) and 64
-# for 4 bits (better than 128 and 256 on the same tasks); leaves under 4096
-# entries kept in float (as bitsandbytes' ``min_8bit_size``).
+# Measured defaults (docs/benchmarks/quality.md and benchmarks.quantized's
+# round trips; issue 29): signed codes in the companded map at 8 bits (the
+# only map within bitsandbytes' round-trip bounds, 0.0056/0.0118 on randn,
+# trains like the linear one) and in normal quantiles at 4 bits (the least
+# error on normal data and the best 4-bit first moment on the regression
+# task: 0.145 against the linear map's 0.168); blocks of 256 for 8 bits (as
+# bitsandbytes and torchao) and 64 for 4 bits (better than 128 and 256);
+# leaves under 4096 entries kept in float (bitsandbytes' ``min_8bit_size``).
 DEFAULT_BLOCK_SIZE = {8: 256, 4: 64}
-DEFAULT_CODE_MAP = {8: 'linear', 4: 'linear'}
+DEFAULT_CODE_MAP = {8: 'sqrt', 4: 'normal'}
 DEFAULT_MIN_SIZE = 4096
 
 
@@ -157,10 +172,151 @@ def make_quantizer(bits: int | None, block_size: int | None = None,
       signed=signed, unsigned_map=unsigned_map)
 
 
+def _dynamic_magnitudes(n: int) -> list[float]:
+  """The ``2**n - 1`` magnitudes of an ``n``-bit dynamic-exponent code: ``e``
+  leading zero bits give the decade ``10**-e``; after the first one bit, the
+  remaining ``f = n - 1 - e`` bits place the value linearly in the decade's
+  ``(0.1, 1]``, its top at ``10**-e`` itself (so 1, the block's absmax, is
+  exact)."""
+  out = []
+  for e in range(n):
+    f = n - 1 - e
+    out += [10.0**-e * (0.1 + 0.9 * (k + 1) / 2**f) for k in range(2**f)]
+  return sorted(out)
+
+
+def code_values(code_map: str, bits: int,
+                signed: bool = True) -> tuple[float, ...]:
+  """The values the codes of a map stand for, before a block's scale.
+
+  With these a stored state decodes without flora_optax: entry ``x`` of a
+  block with scale ``s`` and code ``c`` is ``|s| · values[c + L]`` (signed
+  codes, ``L = 2**(bits - 1) - 1``) or ``|s| · values[c]`` (unsigned codes).
+  See :class:`QuantizedArray` for how codes are laid out.
+
+  The maps, with ``N = 2**bits``:
+
+  * ``'sqrt'``: ``sign(c)·(|c|/L)²``; unsigned ``((c + 1) / N)²``.
+  * ``'normal'`` (signed only): ``±Φ⁻¹(1/2 + 0.4677·i/L) / Φ⁻¹(0.9677)``
+    for ``i = 1..L``, and 0: quantiles of a normal distribution.
+  * ``'linear'``: ``c / L``; unsigned ``(c + 1) / N``.
+  * ``'dynamic'`` (dynamic exponent): after the sign bit (if signed), the
+    number ``e`` of leading zero bits is the decade ``10**-e`` and the bits
+    after the first one place the value linearly in ``(0.1, 1]·10**-e``;
+    the all-zero code is 0 (signed) or ``10**-bits`` (unsigned).
+  * ``'log'``: powers of two, ``±2**(-(L - |c|) / s)`` (0 for code 0),
+    ``s = 1`` for 4 bits and 8 for 8 bits; unsigned
+    ``2**(-(N - 1 - c) / s)``.
+
+  Args:
+    code_map: one of ``'sqrt'``, ``'normal'``, ``'linear'``, ``'dynamic'``,
+      ``'log'`` (unsigned: not ``'normal'``).
+    bits: 8 or 4.
+    signed: signed codes (``2L + 1`` values in ``[-1, 1]``, zero and ±1
+      exact) or unsigned ones (``N`` values in ``(0, 1]``, no zero, 1
+      exact).
+
+  Returns:
+    The values, increasing, as Python floats. flora_optax decodes in
+    float32: the tabled maps to these values' float32 exactly, ``'linear'``
+    and ``'sqrt'`` (computed) to within one rounding.
+
+  Raises:
+    ValueError: for an unknown map or ``bits``.
+
+  Examples:
+    >>> import flora_optax
+    >>> [round(v, 3) for v in flora_optax.code_values('normal', 4)]
+    [-1.0, -0.696, -0.525, -0.395, -0.284, -0.185, -0.091, 0.0, 0.091, 0.185, 0.284, 0.395, 0.525, 0.696, 1.0]
+    >>> flora_optax.code_values('sqrt', 4, signed=False)[:2]
+    (0.00390625, 0.015625)
+  """
+  if bits not in BITS:
+    raise ValueError(f'`bits` must be 8 or 4, got {bits!r}.')
+  return _code_values(code_map, int(bits), bool(signed))
+
+
+@functools.lru_cache(maxsize=None)
+def _code_values(code_map: str, bits: int, signed: bool) -> tuple[float, ...]:
+  n_mag = 2**(bits - 1) - 1 if signed else 2**bits
+  steps = 1.0 if bits == 4 else 8.0
+  if code_map == 'linear':
+    mags = [i / n_mag for i in range(1, n_mag + 1)]
+  elif code_map == 'sqrt':
+    mags = [(i / n_mag)**2 for i in range(1, n_mag + 1)]
+  elif code_map == 'dynamic':
+    mags = _dynamic_magnitudes(bits - 1 if signed else bits)
+    if not signed:
+      mags = [10.0**-bits] + mags
+  elif code_map == 'log':
+    mags = [2.0**(-(n_mag - i) / steps) for i in range(1, n_mag + 1)]
+  elif code_map == 'normal' and signed:
+    nd = statistics.NormalDist()
+    q = [nd.inv_cdf(0.5 + 0.4677 * i / n_mag) for i in range(1, n_mag + 1)]
+    mags = [v / q[-1] for v in q]
+  else:
+    maps = CODE_MAPS if signed else UNSIGNED_CODE_MAPS
+    raise ValueError(f'`code_map` of {"signed" if signed else "unsigned"} '
+                     f'codes must be one of {maps}, got {code_map!r}.')
+  if signed:
+    return tuple([-m for m in reversed(mags)] + [0.0] + mags)
+  return tuple(mags)
+
+
+# Maps computed with arithmetic (no table): cheaper to encode and decode.
+_ARITHMETIC = ('linear', 'sqrt')
+
+def _lookup(index: jax.Array, values: tuple[float, ...]) -> jax.Array:
+  """``values[index]`` for an int32 ``index`` in range. A short table is a
+  sum of selects, exact (one term is not zero) and element-wise, so that it
+  fuses and keeps any sharding; a gather from a constant neither fused on
+  XLA:CPU nor resolved an explicit sharding."""
+  if len(values) > 32:
+    return jnp.take(jnp.asarray(values, jnp.float32), index, mode='clip')
+  return sum(jnp.where(index == k, jnp.float32(v), jnp.float32(0))
+             for k, v in enumerate(values) if v != 0)
+
+
+def _table_index(u: jax.Array, bounds: tuple[float, ...]) -> jax.Array:
+  """How many of the increasing ``bounds`` are ``<= u`` (int32)."""
+  if len(bounds) <= 31:  # a few compares per entry, fused with the rest
+    return sum((u >= b).astype(jnp.int32) for b in bounds)
+  return jnp.searchsorted(jnp.asarray(bounds, jnp.float32), u, side='right',
+                          method='scan_unrolled').astype(jnp.int32)
+
+
+def _table_levels(u: jax.Array, values: tuple[float, ...]) -> jax.Array:
+  """``u`` on the table's index axis, piecewise linear between the values:
+  ``floor`` of it is the index of the value just below (stochastic
+  rounding)."""
+  j = _table_index(u, values[1:-1])
+  lo, hi = _lookup(j, values), _lookup(j + 1, values)
+  return j.astype(jnp.float32) + jnp.clip((u - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _nearest_code(u: jax.Array, code_map: str, bits: int,
+                  signed: bool) -> jax.Array:
+  """The code of the value nearest to ``u`` (as float): one compare per
+  midpoint between neighbouring values (signed maps are symmetric: one per
+  midpoint of the magnitudes, then the sign), a tie rounding away from 0."""
+  values = _code_values(code_map, bits, signed)
+  if signed:
+    values = values[len(values) // 2:]  # 0 and the magnitudes
+  mids = tuple((a + b) / 2 for a, b in zip(values[:-1], values[1:]))
+  if not signed:
+    return _table_index(u, mids).astype(jnp.float32)
+  j = _table_index(jnp.abs(u), mids).astype(jnp.float32)
+  return jnp.where(u < 0, -j, j)
+
+
 def _to_levels(u: jax.Array, code_map: str, bits: int,
                signed: bool) -> jax.Array:
   """``u ∈ [-1, 1]`` to the real-valued code axis ``[-L, L]`` (unsigned:
-  ``u ∈ [0, 1]`` to ``[-1, L]``, code ``c`` standing for ``c + 1``)."""
+  ``u ∈ [0, 1]`` to ``[-1, N - 1]`` or ``[0, N - 1]``): ``round`` of it is
+  the nearest code by value, ``floor`` the code just below."""
+  if code_map not in _ARITHMETIC:
+    y = _table_levels(u, _code_values(code_map, bits, signed))
+    return y - (2**(bits - 1) - 1) if signed else y
   if not signed:
     if code_map == 'sqrt':
       u = jnp.sqrt(u)
@@ -173,6 +329,13 @@ def _to_levels(u: jax.Array, code_map: str, bits: int,
 def _from_levels(c: jax.Array, code_map: str, bits: int,
                  signed: bool) -> jax.Array:
   """Codes (as floats) back to ``u ∈ [-1, 1]`` (unsigned: ``(0, 1]``)."""
+  if code_map not in _ARITHMETIC:
+    values = _code_values(code_map, bits, signed)
+    if not signed:
+      return _lookup(c.astype(jnp.int32), values)
+    # Symmetric: the magnitude's value, then the sign.
+    mag = _lookup(jnp.abs(c).astype(jnp.int32), values[len(values) // 2:])
+    return jnp.where(c < 0, -mag, mag)
   if not signed:
     u = (c + 1) / 2**bits
     return u * u if code_map == 'sqrt' else u
@@ -261,17 +424,26 @@ class Quantizer:
                           self.format(shape, dtype))
 
   # --- the code map ---------------------------------------------------------
-  def _to_levels(self, u: jax.Array, signed: bool | None = None) -> jax.Array:
+  def _map(self, signed: bool | None) -> tuple[str, bool]:
     signed = self.signed if signed is None else signed
-    code_map = (self.unsigned_map if not signed and self.signed is None
-                else self.code_map)
+    return (self.unsigned_map if not signed and self.signed is None
+            else self.code_map), signed
+
+  def _nearest(self, u: jax.Array, signed: bool | None = None) -> jax.Array:
+    """Nearest rounding of ``u`` to a code (as float): for the arithmetic
+    maps on their code axis, for the tabled ones by value."""
+    code_map, signed = self._map(signed)
+    if code_map in _ARITHMETIC:
+      return jnp.round(_to_levels(u, code_map, self.bits, signed))
+    return _nearest_code(u, code_map, self.bits, signed)
+
+  def _to_levels(self, u: jax.Array, signed: bool | None = None) -> jax.Array:
+    code_map, signed = self._map(signed)
     return _to_levels(u, code_map, self.bits, signed)
 
   def _from_levels(self, c: jax.Array,
                    signed: bool | None = None) -> jax.Array:
-    signed = self.signed if signed is None else signed
-    code_map = (self.unsigned_map if not signed and self.signed is None
-                else self.code_map)
+    code_map, signed = self._map(signed)
     return _from_levels(c, code_map, self.bits, signed)
 
   # --- blocks along the last axis --------------------------------------------
@@ -309,11 +481,10 @@ class Quantizer:
     if self.signed is None:
       return self._encode_per_block(xb, scales, safe, m, fmt)
     u = jnp.clip(xb / safe[..., None], -1.0 if self.signed else 0.0, 1.0)
-    y = self._to_levels(u)
     if self.stochastic_rounding:
       if key is None:
         raise ValueError('stochastic rounding needs a key')
-      lo = jnp.floor(y)
+      lo = jnp.floor(self._to_levels(u))
       v_lo, v_hi = self._from_levels(lo), self._from_levels(lo + 1)
       # P(up) makes the decoded value unbiased: E = v_lo + p (v_hi - v_lo).
       width = v_hi - v_lo
@@ -326,7 +497,7 @@ class Quantizer:
       u01 = (self._blocks(noise).astype(jnp.float32) + 0.5) / 65536
       codes = lo + (u01 < p)
     else:
-      codes = jnp.round(y)
+      codes = self._nearest(u)
     codes = jnp.clip(codes, -self.levels if self.signed else 0, self.levels)
     codes = self._unblocks(codes, m).astype(
         jnp.int8 if self.bits == 4 else self._code_dtype)
@@ -342,12 +513,10 @@ class Quantizer:
       raise ValueError('stochastic rounding needs signed or unsigned codes')
     nonneg = (jnp.min(xb, axis=-1) >= 0) & (scales > 0) & jnp.isfinite(scales)
     u = jnp.clip(xb / safe[..., None], -1.0, 1.0)
-    unsigned = jnp.clip(jnp.round(self._to_levels(jnp.maximum(u, 0.0),
-                                                  signed=False)),
+    unsigned = jnp.clip(self._nearest(jnp.maximum(u, 0.0), signed=False),
                         0, 2**self.bits - 1)
     l_signed = 2**(self.bits - 1) - 1
-    signed = jnp.clip(jnp.round(self._to_levels(u, signed=True)), -l_signed,
-                      l_signed)
+    signed = jnp.clip(self._nearest(u, signed=True), -l_signed, l_signed)
     codes = jnp.where(nonneg[..., None], unsigned, signed)
     codes = self._unblocks(codes, m).astype(jnp.int32)
     if self.bits == 4:

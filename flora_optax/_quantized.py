@@ -46,7 +46,7 @@ def quantized(
   leaf's float state is alive at a time. The update returned is computed
   from this step's float state, as the inner computes it.
 
-  Codes: each block is signed (``code_map``, default linear) unless it holds
+  Codes: each block is signed (``code_map``) unless it holds
   no negative entry, in which case it is stored in unsigned codes of
   ``sqrt(x)`` that exclude zero and its scale is negated. Why: a second
   moment (or any non-negative state) keeps twice the resolution and never
@@ -69,8 +69,9 @@ def quantized(
       itself, returned unchanged). Static.
     block_size: entries per block along the last axis; ``None``: 256 for 8
       bits, 64 for 4 bits.
-    code_map: the map of signed blocks, ``'linear'`` (default) or
-      ``'sqrt'``.
+    code_map: the map of signed blocks (:func:`code_values`): ``'sqrt'``,
+      ``'normal'``, ``'linear'``, ``'dynamic'`` or ``'log'``; ``None``:
+      ``'sqrt'`` for 8 bits, ``'normal'`` for 4.
     min_quantized_size: state leaves with fewer entries stay float;
       ``None``: 4096 (as bitsandbytes' ``min_8bit_size``).
 

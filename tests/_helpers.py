@@ -188,3 +188,32 @@ def blocks_absmax(x, block):
   pad = np.pad(np.abs(x), [(0, 0)] * (x.ndim - 1) + [(0, nb * block - m)])
   amax = pad.reshape(*x.shape[:-1], nb, block).max(-1)
   return np.repeat(amax, block, axis=-1)[..., :m]
+
+
+def code_bound(q, u, signed=None):
+  """Per-entry bound on ``|decode(encode(x)) - x| / absmax`` for nearest
+  rounding with quantizer ``q``, at ``u = |x| / absmax``: half the step of
+  the map there (the arithmetic maps round on their code axis; the tabled
+  ones by value, to one of the two values around ``u``), or, for unsigned
+  codes below the smallest value, the distance up to it."""
+  from flora_optax._quantization import code_values  # pylint: disable=g-import-not-at-top
+  u = np.abs(np.asarray(u, np.float64))
+  signed = q.signed if signed is None else signed
+  cmap = q.unsigned_map if (not signed and q.signed is None) else q.code_map
+  L, n = 2**(q.bits - 1) - 1, 2**q.bits
+  if cmap == 'linear':
+    return np.full_like(u, 0.5 / L) if signed else np.where(
+        u < 1 / n, 1 / n - u, 0.5 / n)
+  if cmap == 'sqrt':
+    if signed:  # |ŷ² - y²| / L² with |ŷ - y| <= 1/2
+      return (L * np.sqrt(u) + 0.25) / L**2
+    s = np.sqrt(u)
+    ds = np.where(s < 1 / n, 1 / n - s, 0.5 / n)
+    return ds * (2 * s + ds)
+  values = np.asarray(code_values(cmap, q.bits, bool(signed)), np.float64)
+  if signed:
+    values = values[len(values) // 2:]  # 0 and the magnitudes
+  j = np.clip(np.searchsorted(values, u, side='right') - 1, 0,
+              len(values) - 2)
+  half_gap = (values[j + 1] - values[j]) / 2
+  return np.where(u < values[0], values[0] - u, half_gap)

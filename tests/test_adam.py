@@ -15,10 +15,11 @@ from jax.sharding import PartitionSpec as P
 import _helpers
 import flora_optax
 from flora_optax import QuantizedArray
+from flora_optax import _quantization
 from flora_optax._quantization import Quantizer, make_quantizer
 
 BITS = (8, 4)
-NU_MAPS = ('sqrt', 'linear')
+NU_MAPS = _quantization.UNSIGNED_CODE_MAPS
 SHAPES = {'w': (48, 96), 'v': (3, 16, 40), 'b': (7,)}
 is_q = lambda x: isinstance(x, QuantizedArray)  # noqa: E731
 
@@ -78,17 +79,12 @@ def test_unquantized_leaves_follow_optax_math(nesterov):
 def _nu_bound(q, u):
   """Bound on ``|decode(encode(x)) - x| / absmax`` at ``u = x / absmax`` for
   unsigned nearest rounding: half a step, or up to the smallest code."""
-  n = q.levels + 1
-  if q.code_map == 'linear':
-    return np.where(u < 1 / n, 1 / n - u, 0.5 / n)
-  s = np.sqrt(u)
-  ds = np.where(s < 1 / n, 1 / n - s, 0.5 / n)
-  return ds * (2 * s + ds)
+  return _helpers.code_bound(q, u)
 
 
 def _m_bound(q, u):
-  del u
-  return 0.5 / q.levels
+  """The same for the signed first moment (any map)."""
+  return _helpers.code_bound(q, u)
 
 
 @pytest.mark.parametrize('bits', BITS)
@@ -107,7 +103,7 @@ def test_unsigned_round_trip_within_bound_and_never_zero(bits, code_map):
   # (float32 arithmetic: up to 1e-6 of the block's absmax more)
   assert np.all(np.abs(dec - x) <= bound + 1e-6 * amax)
   assert np.max(np.abs(dec - x) / bound) > 0.3  # the bound is tight
-  smallest = (1 / 2**bits)**(2 if code_map == 'sqrt' else 1)
+  smallest = _quantization.code_values(code_map, bits, False)[0]
   assert np.all(dec >= smallest * amax * (1 - 1e-6))  # never zero
   # A zero block stays zero; every 4-bit code is one nibble.
   zero = q.encode(jnp.zeros((2, 64)))
@@ -175,7 +171,7 @@ def test_quantized_moments_track_exact_adam_within_their_bounds(bits, nu_map):
     v_ref = (1 - b2) * g * g + b2 * v_ref
     m_amax = _helpers.blocks_absmax(m_new, block)
     v_amax = _helpers.blocks_absmax(v_new, block)
-    m_err = b1 * m_err + (_m_bound(mq, None) + 1e-6) * m_amax
+    m_err = b1 * m_err + (_m_bound(mq, m_new / m_amax) + 1e-6) * m_amax
     v_err = b2 * v_err + (_nu_bound(nq, v_new / v_amax) + 1e-6) * v_amax
     m_dec = np.asarray(mq.decode(state.mu['w'], shape))
     v_dec = np.asarray(nq.decode(state.nu['w'], shape))
@@ -373,7 +369,7 @@ def test_nnx_optimizer_and_linen_train_state():
     (dict(bits=2), ValueError, '`bits`'),
     (dict(bits='8'), TypeError, '`bits`'),
     (dict(bits=8.0), TypeError, '`bits`'),
-    (dict(bits=8, nu_code_map='log'), ValueError, 'nu_code_map'),
+    (dict(bits=8, nu_code_map='normal'), ValueError, 'nu_code_map'),
     (dict(bits=8, block_size=0), ValueError, 'block_size'),
     (dict(block_size=64), ValueError, 'block_size'),
     (dict(stochastic_rounding=True), ValueError, 'stochastic_rounding'),
