@@ -26,7 +26,9 @@ state it saves. Targets of issue 20, against ``optax.adamw``: 8-bit state
 peak saving ≥ 0.9× the state saved. Targets of issue 28, each quantized
 optimizer against its float self: the 8-bit state of a 768×3072 leaf ≤ 0.26×
 the float one, peak saving ≥ 0.9× the state saved (update and compile times
-reported, not judged).
+reported, not judged). Issue 29: round trips of every code map on
+1024×1024 draws, the default maps within bitsandbytes' bounds (section
+``codes``).
 
 Run: ``python -m benchmarks.quantized [--quick] [--sections ...]`` (or as the
 ``quantized`` part of ``python -m benchmarks``); writes
@@ -46,12 +48,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import flora_optax
 from benchmarks import common
 from benchmarks import optimizers
 from benchmarks.common import BASELINE, LR, Candidate
+from flora_optax import _quantization as fq
 from flora_optax._quantization import make_quantizer
 
 NAME = 'quantized'
@@ -209,7 +213,71 @@ def _leaf_targets() -> list[dict[str, Any]]:
   return out
 
 
-SECTIONS = ('momentum', 'multisteps', 'adam', 'inners')
+SECTIONS = ('momentum', 'multisteps', 'adam', 'inners', 'codes')
+
+
+# Issue 29: round trips of the codes on 1024×1024 draws against the bounds
+# bitsandbytes sets for its own block-wise quantization (its
+# test_functional.py): (input, bits, signed, abs bound, rel bound); None:
+# reported only.
+PEER_BOUNDS = (
+    ('randn', 8, True, 0.011, 0.018),
+    ('rand', 8, True, 0.0036, 0.015),
+    ('rand', 8, False, 0.0023, 0.012),
+    ('randn', 4, True, None, 0.28),
+    ('rand', 4, False, None, None),
+)
+
+
+def round_trips(quick: bool = False) -> list[dict[str, Any]]:
+  """Mean absolute and relative error (``mean(|x − x̂| / (|x| + 1e-8))``)
+  of every map at its bits' default block size, over draws of
+  ``randn``/``rand`` (10 of 1024×1024; quick: 2 of 256×256)."""
+  shape, draws = ((256, 256), 2) if quick else ((1024, 1024), 10)
+  rows = []
+  for draw, bits, signed, abs_bound, rel_bound in PEER_BOUNDS:
+    sample = jax.random.normal if draw == 'randn' else jax.random.uniform
+    maps = fq.CODE_MAPS if signed else fq.UNSIGNED_CODE_MAPS
+    default = fq.DEFAULT_CODE_MAP[bits] if signed else 'sqrt'
+    for code_map in maps:
+      q = fq.make_quantizer(bits, code_map=code_map, min_size=0,
+                            signed=signed)
+
+      @jax.jit
+      def errors(key, q=q, sample=sample):
+        x = sample(key, shape)
+        err = jnp.abs(q.decode(q.encode(x)) - x)
+        return err.mean(), (err / (jnp.abs(x) + 1e-8)).mean()
+
+      errs = np.asarray([errors(jax.random.key(i)) for i in range(draws)],
+                        np.float64)
+      rows.append(dict(input=draw, bits=bits, signed=signed,
+                       code_map=code_map, default=code_map == default,
+                       block_size=q.block_size, draws=draws,
+                       shape=list(shape), abs_err=float(errs[:, 0].mean()),
+                       rel_err=float(errs[:, 1].mean()),
+                       abs_bound=abs_bound, rel_bound=rel_bound))
+  return rows
+
+
+def codes_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  out = []
+  for r in rows:
+    if not r['default'] or (r['abs_bound'] is None and
+                            r['rel_bound'] is None):
+      continue
+    ok = ((r['abs_bound'] is None or r['abs_err'] < r['abs_bound']) and
+          (r['rel_bound'] is None or r['rel_err'] < r['rel_bound']))
+    bounds = ' and '.join(
+        f'{name} < {b}' for name, b in (('abs', r['abs_bound']),
+                                        ('rel', r['rel_bound']))
+        if b is not None)
+    out.append(dict(
+        target=(f"{r['bits']}-bit {'signed' if r['signed'] else 'unsigned'}"
+                f" codes of {r['input']} (default map {r['code_map']!r}): "
+                f'{bounds}'),
+        figures=f"abs {r['abs_err']:.4f}, rel {r['rel_err']:.4f}", met=ok))
+  return out
 
 
 def run(quick: bool = False, log=print,
@@ -271,6 +339,9 @@ def run(quick: bool = False, log=print,
       res.update(part)
     else:
       res[key] = part
+  if 'codes' in sections:
+    log('round trips of the code maps')
+    res['codes'] = round_trips(quick)
   kept = [s for s in SECTIONS if s not in sections]
   if kept:
     if previous is None or previous['meta']['workload'] != f'gpt2-{size}':
@@ -278,7 +349,8 @@ def run(quick: bool = False, log=print,
                        f'gpt2-{size} to keep them from')
     for sec in kept:
       for key in (('state', 'update') if sec == 'momentum' else (sec,)):
-        res[key] = previous[key]
+        if key in previous:  # (results written before a section existed)
+          res[key] = previous[key]
     res['meta']['kept'] = dict(sections=kept,
                                wall_s=previous['meta']['wall_s'])
   res['targets'] = targets(res)
@@ -330,7 +402,8 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
               res['adam']['state'] + res['inners']['state'])
   out.append(dict(target='state bytes equal the formula',
                   figures=f'largest deviation {worst:.3%}', met=worst == 0))
-  return out + adam_targets(res['adam']) + inner_targets(res['inners'])
+  return (out + adam_targets(res['adam']) + inner_targets(res['inners']) +
+          codes_targets(res.get('codes', [])))
 
 
 def adam_targets(adam: dict[str, Any]) -> list[dict[str, Any]]:
@@ -433,6 +506,26 @@ def markdown(res: dict[str, Any]) -> str:
        'update peak MiB', 'peak saving ÷ state saved', 'update ms',
        'update ÷ float', 'compile s', 'compile ÷ float'],
       inner_rows(res['inners'], meta['param_bytes'])))
+  if res.get('codes'):
+    lines.append('## Round trips of the code maps\n')
+    lines.append(
+        'Mean absolute and mean relative error '
+        '(`mean(|x − x̂| / (|x| + 1e-8))`) of one encode and decode, at each '
+        "bits' default block size, against bitsandbytes' bounds for its own "
+        'block-wise quantization; **bold**: the default map.\n')
+    rows = []
+    for r in res['codes']:
+      name = f"**{r['code_map']}**" if r['default'] else r['code_map']
+      rows.append([
+          r['input'], str(r['bits']),
+          'signed' if r['signed'] else 'unsigned', name,
+          f"{r['abs_err']:.4f}",
+          '-' if r['abs_bound'] is None else f"< {r['abs_bound']}",
+          f"{r['rel_err']:.4f}",
+          '-' if r['rel_bound'] is None else f"< {r['rel_bound']}"])
+    lines.append(common.markdown_table(
+        ['input', 'bits', 'codes', 'map', 'mean abs error', 'bound',
+         'mean rel error', 'bound'], rows))
   return '\n'.join(lines)
 
 

@@ -89,17 +89,23 @@ def test_other_optimizer_rows_build_float_and_quantized():
            'sgd_momentum': lambda lr: optax.sgd(lr, momentum=0.9)}
   bits = {'muon': (8, 4), 'lion': (8, 4), 'ademamix': (8,),
           'sgd_momentum': (8,)}
+  # (and issue 29's frontier row, Flora's sketch in 4-bit codes)
   names = {n for n, v in vs.items() if v.named_only and not v.ablation}
-  assert names == {f'{n}_{b}bit' for n in bits for b in bits[n]} | set(bits)
+  assert names == ({f'{n}_{b}bit' for n in bits for b in bits[n]} |
+                   set(bits) | {'flora_4bit'})
   is_q = lambda x: isinstance(x, flora_optax.QuantizedArray)  # noqa: E731
-  # The companded-map ablations: named only, quantized with code_map='sqrt'.
-  for name in ('muon_8bit_sqrt', 'lion_8bit_sqrt'):
+  # The map ablations: named only, quantized with the map they name (the
+  # linear rows: the default before issue 29).
+  maps = {'muon_8bit_sqrt': ('sqrt', 8), 'lion_8bit_sqrt': ('sqrt', 8)}
+  maps.update({f'{n}_{b}bit_linear': ('linear', b)
+               for n in bits for b in bits[n]})
+  for name, (code_map, b) in maps.items():
     assert vs[name].named_only and vs[name].ablation
     state = vs[name].make(1e-2, None, 0, 10).init(
         {'w': jnp.zeros((64, 64))})
     q = [x for x in jax.tree.leaves(state, is_leaf=is_q) if is_q(x)]
-    assert q and all(x.format.code_map == 'sqrt' and x.format.bits == 8
-                     for x in q)
+    assert q and all(x.format.code_map == code_map and x.format.bits == b
+                     for x in q), name
   # 4096 entries: quantized (min_quantized_size); the vector stays float.
   params = {'w': jnp.linspace(-1.0, 1.0, 64 * 64).reshape(64, 64),
             'b': jnp.linspace(0.0, 1.0, 64)}

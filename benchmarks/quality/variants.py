@@ -198,7 +198,13 @@ def _quantized(bits: int, ranked: bool, **options: Any) -> MakeTx:
 QUANT_ABLATIONS = {
     'momentum_8bit_sqrt': (8, dict(code_map='sqrt')),
     'momentum_4bit_sqrt': (4, dict(code_map='sqrt')),
-    'momentum_4bit_block128': (4, dict(block_size=128)),
+    # The maps of issue 29 (the 4-bit default became 'normal' quantiles,
+    # the 8-bit one 'sqrt'); the linear rows are the defaults before it.
+    'momentum_8bit_linear': (8, dict(code_map='linear')),
+    'momentum_4bit_linear': (4, dict(code_map='linear')),
+    'momentum_4bit_dynamic': (4, dict(code_map='dynamic')),
+    'momentum_4bit_log': (4, dict(code_map='log')),
+    'momentum_4bit_block128': (4, dict(code_map='linear', block_size=128)),
     'momentum_4bit_sqrt_block128': (4, dict(code_map='sqrt', block_size=128)),
     'momentum_4bit_sqrt_block256': (4, dict(code_map='sqrt', block_size=256)),
     'momentum_4bit_sqrt_block128_stochastic': (4, dict(
@@ -216,6 +222,37 @@ def _adamw(**options: Any) -> MakeTx:
       return optax.adamw(lr, **options)
     return flora_optax.adamw(lr, key=key, **options)
   return make
+
+
+def _adamw_ablations() -> list[tuple[str, str, dict[str, Any]]]:
+  """(row suffix, label, keywords) of ``flora_optax.adamw``'s map rows."""
+  rows = [
+      ('8bit_m_linear', "bits=8, code_map='linear'",
+       dict(bits=8, code_map='linear')),
+      ('4bit_m_linear', "bits=4, code_map='linear'",
+       dict(bits=4, code_map='linear')),
+      ('4bit_nu_linear', "bits=4, code_map='linear', nu_code_map='linear'",
+       dict(bits=4, code_map='linear', nu_code_map='linear')),
+      ('4bit_stochastic', "bits=4, code_map='linear', "
+       'stochastic_rounding=True',
+       dict(bits=4, code_map='linear', stochastic_rounding=True)),
+      ('4bit_m_sqrt', "bits=4, code_map='sqrt'",
+       dict(bits=4, code_map='sqrt')),
+      ('4bit_m_sqrt_nu_linear', "bits=4, code_map='sqrt', "
+       "nu_code_map='linear'",
+       dict(bits=4, code_map='sqrt', nu_code_map='linear')),
+      ('8bit_nu_linear', "bits=8, code_map='linear', nu_code_map='linear'",
+       dict(bits=8, code_map='linear', nu_code_map='linear')),
+  ]
+  for m in ('dynamic', 'log'):
+    rows.append((f'4bit_m_{m}', f"bits=4, code_map='{m}'",
+                 dict(bits=4, code_map=m)))
+    rows.append((f'4bit_nu_{m}', f"bits=4, nu_code_map='{m}'",
+                 dict(bits=4, nu_code_map=m)))
+  return rows
+
+
+_ADAMW_ABLATIONS = _adamw_ablations()
 
 
 def _adafactor_bf16() -> MakeTx:
@@ -309,6 +346,14 @@ def _other_rows() -> list[Variant]:
                           f'flora_optax.quantized({label}, bits={b})',
                           _other(inner, b), ranked=False, lr_factor=factor,
                           named_only=True))
+  # The default before issue 29's maps (the linear map for signed blocks).
+  for name, (label, inner, factor, bits) in OTHER_OPTIMIZERS.items():
+    for b in bits:
+      rows.append(Variant(f'{name}_{b}bit_linear',
+                          f'flora_optax.quantized({label}, bits={b}, '
+                          "code_map='linear')",
+                          _other(inner, b, code_map='linear'), ranked=False,
+                          lr_factor=factor, ablation=True, named_only=True))
   # Ablation: the companded map for signed blocks, where 8-bit codes missed
   # (Muon and Lion on the small tasks; issue 29's maps).
   for name in ('muon', 'lion'):
@@ -365,12 +410,24 @@ def variants() -> dict[str, Variant]:
               _quantized(4, False), ranked=False),
       Variant('flora_8bit', 'Flora sketch in 8-bit codes (bits=8)',
               _quantized(8, True), ranked=True),
+      # The frontier of issue 29: a quarter of the bytes of 4-bit codes.
+      Variant('flora_4bit', 'Flora sketch in 4-bit codes (bits=4)',
+              _quantized(4, True), ranked=True, named_only=True),
+      Variant('flora_8bit_linear',
+              "Flora sketch in 8-bit codes (bits=8, code_map='linear')",
+              _quantized(8, True, code_map='linear'), ranked=True,
+              ablation=True),
       Variant('multisteps_8bit',
               f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits=8)',
               _multisteps_quantized(8), ranked=False, accumulate=ACCUMULATE),
       Variant('multisteps_4bit',
               f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits=4)',
               _multisteps_quantized(4), ranked=False, accumulate=ACCUMULATE),
+      *[Variant(f'multisteps_{b}bit_linear',
+                f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, '
+                f"bits={b}, code_map='linear')",
+                _multisteps_quantized(b, code_map='linear'), ranked=False,
+                accumulate=ACCUMULATE, ablation=True) for b in (8, 4)],
   ]
   rows += [
       # AdamW with quantized moments (issue 20), next to optax's own.
@@ -382,35 +439,20 @@ def variants() -> dict[str, Variant]:
               ranked=False),
       Variant('adamw_4bit', 'flora_optax.adamw(bits=4)', _adamw(bits=4),
               ranked=False),
-      # The second moment's map and rounding, one keyword changed each.
-      Variant('adamw_4bit_nu_linear',
-              "flora_optax.adamw(bits=4, nu_code_map='linear')",
-              _adamw(bits=4, nu_code_map='linear'),
-              ranked=False, ablation=True),
-      Variant('adamw_4bit_stochastic',
-              'flora_optax.adamw(bits=4, stochastic_rounding=True)',
-              _adamw(bits=4, stochastic_rounding=True),
-              ranked=False, ablation=True),
-      Variant('adamw_4bit_m_sqrt',
-              "flora_optax.adamw(bits=4, code_map='sqrt')",
-              _adamw(bits=4, code_map='sqrt'),
-              ranked=False, ablation=True),
-      Variant('adamw_4bit_m_sqrt_nu_linear',
-              "flora_optax.adamw(bits=4, code_map='sqrt', "
-              "nu_code_map='linear')",
-              _adamw(bits=4, code_map='sqrt', nu_code_map='linear'),
-              ranked=False, ablation=True),
-      Variant('adamw_8bit_nu_linear',
-              "flora_optax.adamw(bits=8, nu_code_map='linear')",
-              _adamw(bits=8, nu_code_map='linear'),
-              ranked=False, ablation=True),
+      # The maps, one keyword changed each (issue 29: the first moment's
+      # default became 'normal' quantiles at 4 bits and 'sqrt' at 8; the
+      # rows with code_map='linear' were measured with the default before).
+      *[Variant(f'adamw_{name}', f'flora_optax.adamw({what})',
+                _adamw(**kw), ranked=False, ablation=True)
+        for name, what, kw in _ADAMW_ABLATIONS],
   ]
   for bits in (8, 4):
     rows.append(Variant(
         f'multisteps_{bits}bit_nearest',
         f'flora_optax.MultiSteps (K={ACCUMULATE}, rank=None, bits={bits}, '
-        'nearest rounding)',
-        _multisteps_quantized(bits, stochastic_rounding=False), ranked=False,
+        "code_map='linear', nearest rounding)",
+        _multisteps_quantized(bits, code_map='linear',
+                              stochastic_rounding=False), ranked=False,
         accumulate=ACCUMULATE, ablation=True))
   for name, (bits, options) in QUANT_ABLATIONS.items():
     what = ', '.join(f'{k}={v!r}' for k, v in options.items())
