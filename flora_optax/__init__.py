@@ -33,7 +33,7 @@ from flora_optax._quantized import to_float_state as to_float_state
 from flora_optax._types import DimensionNumbers as DimensionNumbers
 from flora_optax._sharding import state_shardings as state_shardings
 
-__version__ = '0.3.0'
+__version__ = '0.4.0.dev0'
 
 __all__ = [
     'CompressedMomentumState',

@@ -188,7 +188,7 @@ class MultiSteps:
       it again.
     block_size: entries per block; ``None``: 256 for 8 bits, 64 for 4.
     code_map: the map of the codes (:func:`code_values`); ``None``:
-      ``'sqrt'`` for 8 bits, ``'normal'`` for 4.
+      ``'sqrt'`` for 8 bits, ``'cubic'`` for 4.
     min_quantized_size: leaves whose accumulator has fewer entries stay in
       ``accumulator_dtype``; ``None``: 4096.
     stochastic_rounding: round codes at random, unbiased in value (noise from

@@ -96,8 +96,8 @@ def scale_by_adam(
     block_size: entries per block along the last axis; ``None``: 256 for 8
       bits, 64 for 4 bits.
     code_map: the first moment's map (:func:`code_values`): ``'sqrt'``,
-      ``'normal'``, ``'linear'``, ``'dynamic'`` or ``'log'``; ``None``:
-      ``'sqrt'`` for 8 bits, ``'normal'`` for 4.
+      ``'cubic'``, ``'normal'``, ``'linear'``, ``'dynamic'`` or ``'log'``;
+      ``None``: ``'sqrt'`` for 8 bits, ``'cubic'`` for 4.
     nu_code_map: the second moment's map, unsigned, excluding zero:
       ``'sqrt'`` (codes of ``sqrt(v)``, the default), ``'linear'`` (codes
       of ``v``), ``'dynamic'`` or ``'log'``.

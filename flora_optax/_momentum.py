@@ -167,8 +167,8 @@ def compressed_momentum(
     block_size: entries per block (one float32 scale each) along the last
       axis; ``None``: 256 for 8 bits, 64 for 4 bits.
     code_map: the map of the codes (:func:`code_values`): ``'sqrt'``,
-      ``'normal'``, ``'linear'``, ``'dynamic'`` or ``'log'``; ``None``:
-      ``'sqrt'`` for 8 bits, ``'normal'`` for 4 (measured: the least error
+      ``'cubic'``, ``'normal'``, ``'linear'``, ``'dynamic'`` or ``'log'``;
+      ``None``: ``'sqrt'`` for 8 bits, ``'cubic'`` for 4 (measured: the least error
       at the peers' bounds, and the best 4-bit momentum).
     min_quantized_size: leaves whose state has fewer entries stay in
       ``accumulator_dtype``; ``None``: 4096.

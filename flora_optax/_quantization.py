@@ -16,9 +16,11 @@ code ``c`` decodes to ``s_b`` times the map's value of ``c``
 * ``'sqrt'`` (companded; the 8-bit default):
   ``code = round(L·sign(u)·sqrt(|u|))``, decoded as ``sign(c)·(|c|/L)²``:
   finer steps near zero, where most of a state's entries are;
-* ``'normal'`` (the 4-bit default): quantiles of a normal distribution,
-  ``±Φ⁻¹(1/2 + 0.4677·i/L) / Φ⁻¹(0.9677)`` for ``i = 1..L`` and 0, the
-  nearest by value;
+* ``'cubic'`` (the 4-bit default): ``t·(0.72 + 0.28·t²)`` with ``t = c/L``:
+  steps growing from ``0.72/L`` near zero to ``1.56/L`` at the absmax, close
+  to normal data's quantiles; the nearest by value;
+* ``'normal'``: quantiles of a normal distribution,
+  ``±Φ⁻¹(1/2 + 0.4677·i/L) / Φ⁻¹(0.9677)`` for ``i = 1..L`` and 0;
 * ``'linear'``: ``code = round(L·u)``;
 * ``'dynamic'`` (dynamic exponent) and ``'log'`` (powers of two): finer
   still near zero, coarser near the absmax; measured worse (ablations).
@@ -64,19 +66,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-CODE_MAPS = ('sqrt', 'normal', 'linear', 'dynamic', 'log')
+CODE_MAPS = ('sqrt', 'cubic', 'normal', 'linear', 'dynamic', 'log')
 UNSIGNED_CODE_MAPS = ('sqrt', 'linear', 'dynamic', 'log')
 BITS = (8, 4)
 # Measured defaults (docs/benchmarks/quality.md and benchmarks.quantized's
 # round trips; issue 29): signed codes in the companded map at 8 bits (the
 # only map within bitsandbytes' round-trip bounds, 0.0056/0.0118 on randn,
-# trains like the linear one) and in normal quantiles at 4 bits (the least
-# error on normal data and the best 4-bit first moment on the regression
-# task: 0.145 against the linear map's 0.168); blocks of 256 for 8 bits (as
-# bitsandbytes and torchao) and 64 for 4 bits (better than 128 and 256);
-# leaves under 4096 entries kept in float (bitsandbytes' ``min_8bit_size``).
+# trains like the linear one) and in the cubic map at 4 bits (as good as
+# normal quantiles, the best 4-bit first moments measured, and as fast as
+# the linear map); blocks of 256 for 8 bits (as bitsandbytes and torchao) and
+# 64 for 4 bits (better than 128 and 256); leaves under 4096 entries kept in
+# float (bitsandbytes' ``min_8bit_size``).
 DEFAULT_BLOCK_SIZE = {8: 256, 4: 64}
-DEFAULT_CODE_MAP = {8: 'sqrt', 4: 'normal'}
+DEFAULT_CODE_MAP = {8: 'sqrt', 4: 'cubic'}
 DEFAULT_MIN_SIZE = 4096
 
 
@@ -197,6 +199,7 @@ def code_values(code_map: str, bits: int,
   The maps, with ``N = 2**bits``:
 
   * ``'sqrt'``: ``sign(c)·(|c|/L)²``; unsigned ``((c + 1) / N)²``.
+  * ``'cubic'`` (signed only): ``t·(0.72 + 0.28·t²)`` with ``t = c / L``.
   * ``'normal'`` (signed only): ``±Φ⁻¹(1/2 + 0.4677·i/L) / Φ⁻¹(0.9677)``
     for ``i = 1..L``, and 0: quantiles of a normal distribution.
   * ``'linear'``: ``c / L``; unsigned ``(c + 1) / N``.
@@ -209,8 +212,8 @@ def code_values(code_map: str, bits: int,
     ``2**(-(N - 1 - c) / s)``.
 
   Args:
-    code_map: one of ``'sqrt'``, ``'normal'``, ``'linear'``, ``'dynamic'``,
-      ``'log'`` (unsigned: not ``'normal'``).
+    code_map: one of ``'sqrt'``, ``'cubic'``, ``'normal'``, ``'linear'``,
+      ``'dynamic'``, ``'log'`` (unsigned: not ``'cubic'`` or ``'normal'``).
     bits: 8 or 4.
     signed: signed codes (``2L + 1`` values in ``[-1, 1]``, zero and ±1
       exact) or unsigned ones (``N`` values in ``(0, 1]``, no zero, 1
@@ -218,16 +221,18 @@ def code_values(code_map: str, bits: int,
 
   Returns:
     The values, increasing, as Python floats. flora_optax decodes in
-    float32: the tabled maps to these values' float32 exactly, ``'linear'``
-    and ``'sqrt'`` (computed) to within one rounding.
+    float32: the tabled maps to these values' float32 exactly, ``'linear'``,
+    ``'sqrt'`` and ``'cubic'`` (computed) to within a rounding.
 
   Raises:
     ValueError: for an unknown map or ``bits``.
 
   Examples:
     >>> import flora_optax
-    >>> [round(v, 3) for v in flora_optax.code_values('normal', 4)]
-    [-1.0, -0.696, -0.525, -0.395, -0.284, -0.185, -0.091, 0.0, 0.091, 0.185, 0.284, 0.395, 0.525, 0.696, 1.0]
+    >>> [round(v, 3) for v in flora_optax.code_values('cubic', 4)][7:]
+    [0.0, 0.104, 0.212, 0.331, 0.464, 0.616, 0.793, 1.0]
+    >>> [round(v, 3) for v in flora_optax.code_values('normal', 4)][7:]
+    [0.0, 0.091, 0.185, 0.284, 0.395, 0.525, 0.696, 1.0]
     >>> flora_optax.code_values('sqrt', 4, signed=False)[:2]
     (0.00390625, 0.015625)
   """
@@ -250,6 +255,8 @@ def _code_values(code_map: str, bits: int, signed: bool) -> tuple[float, ...]:
       mags = [10.0**-bits] + mags
   elif code_map == 'log':
     mags = [2.0**(-(n_mag - i) / steps) for i in range(1, n_mag + 1)]
+  elif code_map == 'cubic' and signed:
+    mags = [_cubic(i / n_mag) for i in range(1, n_mag + 1)]
   elif code_map == 'normal' and signed:
     nd = statistics.NormalDist()
     q = [nd.inv_cdf(0.5 + 0.4677 * i / n_mag) for i in range(1, n_mag + 1)]
@@ -265,6 +272,19 @@ def _code_values(code_map: str, bits: int, signed: bool) -> tuple[float, ...]:
 
 # Maps computed with arithmetic (no table): cheaper to encode and decode.
 _ARITHMETIC = ('linear', 'sqrt')
+# Decoded with arithmetic, encoded by compares (nearest by value): a table
+# decode (selects or a gather) cost 1.5-1.9x the whole 4-bit AdamW update on
+# XLA:CPU, the cubic's three multiplies 1.03x the linear map's.
+_ARITHMETIC_DECODE = ('cubic',)
+# The cubic map's linear part: its steps grow from 0.72/L near zero to
+# (0.72 + 3·0.28)/L at the absmax, close to the quantiles of normal data
+# ('normal': 0.091 ... 0.696, 1 at 4 bits; the cubic: 0.104 ... 0.793, 1).
+_CUBIC_A = 0.72
+
+
+def _cubic(t):
+  """A code over ``L`` (``t ∈ [-1, 1]``) to its value: odd, increasing."""
+  return t * (_CUBIC_A + (1.0 - _CUBIC_A) * t * t)
 
 def _lookup(index: jax.Array, values: tuple[float, ...]) -> jax.Array:
   """``values[index]`` for an int32 ``index`` in range. A short table is a
@@ -329,6 +349,8 @@ def _to_levels(u: jax.Array, code_map: str, bits: int,
 def _from_levels(c: jax.Array, code_map: str, bits: int,
                  signed: bool) -> jax.Array:
   """Codes (as floats) back to ``u ∈ [-1, 1]`` (unsigned: ``(0, 1]``)."""
+  if code_map in _ARITHMETIC_DECODE:
+    return _cubic(c / (2**(bits - 1) - 1))
   if code_map not in _ARITHMETIC:
     values = _code_values(code_map, bits, signed)
     if not signed:

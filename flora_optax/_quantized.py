@@ -70,8 +70,8 @@ def quantized(
     block_size: entries per block along the last axis; ``None``: 256 for 8
       bits, 64 for 4 bits.
     code_map: the map of signed blocks (:func:`code_values`): ``'sqrt'``,
-      ``'normal'``, ``'linear'``, ``'dynamic'`` or ``'log'``; ``None``:
-      ``'sqrt'`` for 8 bits, ``'normal'`` for 4.
+      ``'cubic'``, ``'normal'``, ``'linear'``, ``'dynamic'`` or ``'log'``;
+      ``None``: ``'sqrt'`` for 8 bits, ``'cubic'`` for 4.
     min_quantized_size: state leaves with fewer entries stay float;
       ``None``: 4096 (as bitsandbytes' ``min_8bit_size``).
 

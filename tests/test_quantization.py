@@ -25,7 +25,7 @@ from flora_optax import QuantizedArray
 from flora_optax._quantization import Quantizer, _unpack, make_quantizer
 
 BITS = (8, 4)
-MAPS = ('sqrt', 'normal', 'linear', 'dynamic', 'log')
+MAPS = ('sqrt', 'cubic', 'normal', 'linear', 'dynamic', 'log')
 
 
 def _q(bits, code_map='sqrt', block=64, sr=False):
@@ -463,12 +463,12 @@ def test_code_values_are_what_the_codes_decode_to():
         assert list(values) == sorted(values) and values[-1] == 1.0
         assert (values[0] == -1.0) if signed else (values[0] > 0)
         # Every code decodes to its value (times the scale): the tabled
-        # maps exactly, the arithmetic ones ('linear', 'sqrt': computed in
+        # maps exactly, the arithmetic ones ('linear', 'sqrt', 'cubic': computed in
         # float32) within a rounding.
         q = Quantizer(bits, 8, code_map, False, 0, signed=signed)
         x = jnp.asarray(np.resize(np.asarray(values, np.float32), (n * 8,)))
         x = x.reshape(n, 8).at[:, 0].set(1.0)  # each block's absmax is 1
-        rtol = 2.5e-7 if code_map in ('linear', 'sqrt') else 0
+        rtol = 2.5e-7 if code_map in ('linear', 'sqrt', 'cubic') else 0
         np.testing.assert_allclose(q.decode(q.encode(x), x.shape), x,
                                    rtol=rtol, atol=0)
   with pytest.raises(ValueError, match='code_map'):

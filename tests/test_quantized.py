@@ -167,7 +167,7 @@ def test_bad_arguments_are_refused_when_built():
   with pytest.raises(ValueError, match='bits'):
     flora_optax.quantized(optax.adam(1e-3), bits=3)
   with pytest.raises(ValueError, match='code_map'):
-    flora_optax.quantized(optax.adam(1e-3), code_map='cubic')
+    flora_optax.quantized(optax.adam(1e-3), code_map='bogus')
   with pytest.raises(ValueError, match='block_size'):
     flora_optax.quantized(optax.adam(1e-3), bits=None, block_size=64)
   with pytest.raises(TypeError, match='min_quantized_size'):
@@ -240,7 +240,7 @@ def test_format_is_static_and_self_describing():
   state = tx.init(_params())
   q = state[0].mu['w']
   assert q.format == flora_optax.QuantizedFormat(
-      bits=4, block_size=32, code_map='normal', signed=None, shape=(64, 128),
+      bits=4, block_size=32, code_map='cubic', signed=None, shape=(64, 128),
       dtype='bfloat16', unsigned_map='sqrt')
   assert q.codes.shape == (64, 64) and q.scales.shape == (64, 4)
   assert jax.tree.leaves(q) == [q.codes, q.scales]  # the format: no leaf

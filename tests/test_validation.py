@@ -208,7 +208,7 @@ def test_bad_bits(builder, bits):
      ('`block_size`', 'static_args')),
     (dict(bits=8, min_quantized_size=-1), ValueError,
      ('`min_quantized_size`', '>= 0')),
-    (dict(bits=8, code_map='cubic'), ValueError,
+    (dict(bits=8, code_map='bogus'), ValueError,
      ('`code_map`', "'linear'", "'sqrt'")),
     (dict(bits=8, stochastic_rounding='yes'), TypeError,
      ('`stochastic_rounding`', 'bool')),
