@@ -273,8 +273,8 @@ def _code_values(code_map: str, bits: int, signed: bool) -> tuple[float, ...]:
 # Maps computed with arithmetic (no table): cheaper to encode and decode.
 _ARITHMETIC = ('linear', 'sqrt')
 # Decoded with arithmetic, encoded by compares (nearest by value): a table
-# decode (selects or a gather) cost 1.5-1.9x the whole 4-bit AdamW update on
-# XLA:CPU, the cubic's three multiplies 1.03x the linear map's.
+# decode (selects or a gather) cost 1.5-1.9x the linear map's whole 4-bit
+# AdamW update on XLA:CPU, the cubic's few multiplies 1.03-1.23x.
 _ARITHMETIC_DECODE = ('cubic',)
 # The cubic map's linear part: its steps grow from 0.72/L near zero to
 # (0.72 + 3·0.28)/L at the absmax, close to the quantiles of normal data

@@ -202,6 +202,7 @@ QUANT_ABLATIONS = {
     # the 8-bit one 'sqrt'); the linear rows are the defaults before it.
     'momentum_8bit_linear': (8, dict(code_map='linear')),
     'momentum_4bit_linear': (4, dict(code_map='linear')),
+    'momentum_4bit_normal': (4, dict(code_map='normal')),
     'momentum_4bit_dynamic': (4, dict(code_map='dynamic')),
     'momentum_4bit_log': (4, dict(code_map='log')),
     'momentum_4bit_block128': (4, dict(code_map='linear', block_size=128)),
@@ -244,11 +245,12 @@ def _adamw_ablations() -> list[tuple[str, str, dict[str, Any]]]:
       ('8bit_nu_linear', "bits=8, code_map='linear', nu_code_map='linear'",
        dict(bits=8, code_map='linear', nu_code_map='linear')),
   ]
-  for m in ('dynamic', 'log'):
+  for m in ('normal', 'dynamic', 'log'):
     rows.append((f'4bit_m_{m}', f"bits=4, code_map='{m}'",
                  dict(bits=4, code_map=m)))
-    rows.append((f'4bit_nu_{m}', f"bits=4, nu_code_map='{m}'",
-                 dict(bits=4, nu_code_map=m)))
+    if m != 'normal':  # (signed only)
+      rows.append((f'4bit_nu_{m}', f"bits=4, nu_code_map='{m}'",
+                   dict(bits=4, nu_code_map=m)))
   return rows
 
 
