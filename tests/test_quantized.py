@@ -28,7 +28,7 @@ is_q = lambda x: isinstance(x, QuantizedArray)  # noqa: E731
 LR = 1e-2
 STEPS = 12
 
-# Every optimizer the README lists as supported.
+# Every optimizer the docs list as supported (docs/howto/quantized.md).
 SUPPORTED = {
     'adam': lambda: optax.adam(LR),
     'adamw': lambda: optax.adamw(LR, weight_decay=0.1),
@@ -444,8 +444,9 @@ def test_a_0_3_0_orbax_checkpoint_restores(tmp_path):
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(tmp_path / 'old', old)
     ckpt.wait_until_finished()
-    # The README's recipe: restore into the new state's codes and scales
-    # without their formats, then put each leaf's format back.
+    # The docs' recipe (docs/howto/checkpoints.md): restore into the new
+    # state's codes and scales without their formats, then put each leaf's
+    # format back.
     like = tx.init(params)
     bare = jax.tree.map(lambda q: {'codes': q.codes, 'scales': q.scales}
                         if is_q(q) else q, like, is_leaf=is_q)

@@ -73,7 +73,8 @@ def train(task: Task, v: Variant, rank: int | None, lrs: Sequence[float],
 
   # One compiled program, run once per (learning rate, seed). Not vmapped:
   # XLA's CPU backend (jaxlib 0.10.2) hangs running some vmapped residual
-  # flora chains (clip_by_block_rms before the momentum); see README.
+  # flora chains (clip_by_block_rms before the momentum); see
+  # docs/explain/guarantees.md.
   fn = jax.jit(one_model)
   final = np.asarray([
       fn(*jax.tree.map(lambda x, i=i: x[i],
