@@ -82,7 +82,8 @@ def train(task: Task, v: Variant, rank: int | None, lrs: Sequence[float],
       for i in range(len(models))
   ], np.float64).reshape(len(lrs), len(seeds))
   return dict(losses=final.tolist(),
-              state_bytes=common.tree_bytes(states[seeds[0]]),
+              state_bytes=(v.state_bytes or common.tree_bytes)(
+                  states[seeds[0]]),
               seconds=time.perf_counter() - t0, notes=notes)
 
 

@@ -21,6 +21,7 @@ import optax
 import optax.contrib
 
 import flora_optax
+from benchmarks.quality import frontier
 from benchmarks.quality.settings import ACCUMULATE, ADAFACTOR, MOMENTUM
 from flora_optax._momentum import DEFAULT_RESIDUAL
 
@@ -75,6 +76,7 @@ class Variant:
   flora: dict[str, Any] | None = None
   lr_factor: float = 1.0
   named_only: bool = False
+  state_bytes: Callable[[Any], int] | None = None
 
   def __post_init__(self):
     octaves = math.log2(self.lr_factor)
@@ -389,6 +391,34 @@ def _flora_rows() -> list[Variant]:
   return rows
 
 
+def _frontier_rows() -> list[Variant]:
+  """Issue 29's study-only prototypes (``frontier.py``), run when named
+  (ablations: no library option builds them):
+  the momentum in 1-3-bit block codes and as signs with factored
+  magnitudes (the frontier, at most a quarter byte per parameter), and
+  4-bit AdamW with the second moment rank-1 normalized (Li et al.). Their
+  bytes are the packed layout's (storage simulated)."""
+  packed = frontier.packed_state_bytes
+  rows = [Variant(name, frontier.block_label(opts),
+                  frontier.make_block(opts, MOMENTUM), ranked=False,
+                  ablation=True, named_only=True, state_bytes=packed)
+          for name, opts in frontier.BLOCK_ROWS.items()]
+  rows.append(Variant(
+      'momentum_factored_sign', 'momentum as signs x rank-1 factored '
+      '|m| (prototype, storage simulated)',
+      frontier.make_factored(MOMENTUM), ranked=False, ablation=True,
+      named_only=True, state_bytes=packed))
+  for nu, what in (('block', 'prototype of flora_optax.adamw(bits=4)'),
+                   ('rank1', 'v rank-1 normalized, linear map without 0'),
+                   ('rank1_sqrt', "v rank-1 normalized, 'sqrt' map")):
+    name = 'adamw_4bit_proto' if nu == 'block' else f'adamw_4bit_nu_{nu}'
+    rows.append(Variant(name, f'AdamW, 4-bit moments ({what}; prototype, '
+                        'storage simulated)', frontier.make_adamw(nu),
+                        ranked=False, ablation=True, named_only=True,
+                        state_bytes=packed))
+  return rows
+
+
 def variants() -> dict[str, Variant]:
   """Every row of the study, in table order (recorded-only rows included)."""
   rows = [
@@ -476,6 +506,7 @@ def variants() -> dict[str, Variant]:
               ablation=True),
       # Other optimizers with quantized states (issue 28): when named.
       *_other_rows(),
+      *_frontier_rows(),
   ]
   return {v.name: v for v in rows}
 
