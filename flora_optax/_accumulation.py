@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from flora_optax import _checks
+from flora_optax import _engine
 from flora_optax import _keys
 from flora_optax import _leaves
 from flora_optax._leaves import Leaves
@@ -89,15 +90,16 @@ def _accumulate(leaves: Leaves, ps, grads, accs, n,
 def _accumulate_stored(leaves: Leaves, ps, grads, stored, n,
                        use_grad_mean: bool, dtype: Any,
                        key: jax.Array | None) -> list[Any]:
-  """:func:`_accumulate` from and to stored accumulators, leaf after leaf:
-  a quantized one is decoded once the previous one is encoded again, so
-  that one float32 copy is alive at a time (``_leaves.Chain``)."""
-  cs = leaves.compress(grads, ps)
-  out, chain = [], _leaves.Chain()
-  for i, (c, s) in enumerate(zip(cs, stored)):
-    acc = _add(chain.load(leaves, i, s), c, n, use_grad_mean)
-    out.append(chain.stored(leaves.store_one(i, acc, dtype, key)))
-  return out
+  """:func:`_accumulate` from and to stored accumulators, leaf after leaf
+  (:func:`_engine.map_leaves`: a quantized one is decoded once the previous
+  one is encoded again, so that one float32 copy is alive at a time)."""
+
+  def step(order, i, c, s):
+    acc = _add(order.load(s, leaves.dtypes[i]), c, n, use_grad_mean)
+    return (order.store(leaves.store_one(i, acc, dtype, key)),)
+
+  return _engine.map_leaves(step, leaves.compress(grads, ps), stored,
+                            outputs=1)[0]
 
 
 def _cast_dtypes(new: Any, old: Any) -> Any:

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import optax
 
 from flora_optax import _checks
+from flora_optax import _engine
 from flora_optax import _keys
 from flora_optax import _leaves
-from flora_optax import _quantization
 from flora_optax._projector import Projector
 from flora_optax._types import KeyLike
 
@@ -22,7 +22,6 @@ from flora_optax._types import KeyLike
 # benchmarks.quality's adamw rows): the second moment is stored as codes of
 # ``sqrt(v)`` that exclude zero (``'sqrt'``); a linear map of ``v`` itself
 # loses its small entries.
-NU_CODE_MAPS = _quantization.UNSIGNED_CODE_MAPS
 DEFAULT_NU_CODE_MAP = 'sqrt'
 
 
@@ -158,7 +157,7 @@ def scale_by_adam(
   _checks.check_bool(nesterov, 'nesterov')
   mu_q = _leaves.quantizer(bits, block_size, code_map, min_quantized_size,
                            stochastic_rounding)
-  _checks.check_choice(nu_code_map, 'nu_code_map', NU_CODE_MAPS)
+  _checks.check_nu_code_map(nu_code_map)
   if bits is None:
     if stochastic_rounding:
       raise ValueError('`stochastic_rounding` only applies to quantized '
@@ -193,21 +192,22 @@ def scale_by_adam(
       rounding = [_keys.cycle_key(state.key, count, purpose, impl=impl)
                   for purpose in ('adam_mu_rounding', 'adam_nu_rounding')]
 
-    outs, new_mu, new_nu, chain = [], [], [], _leaves.Chain()
-    for i, (g, mu, nu) in enumerate(zip(mus.flatten(updates),
-                                        mus.flatten(state.mu),
-                                        nus.flatten(state.nu))):
+    def step(order, i, g, mu, nu):
       g32 = g.astype(mus.dtypes[i])
-      # Each moment is decoded once the previous one is encoded again, so
-      # that one float32 copy is alive at a time.
-      # optax's arithmetic (optax.tree.update_moment and
-      # update_moment_per_elem_norm), in float32.
-      m = (1 - b1) * g32 + b1 * chain.load(mus, i, mu)
-      new_mu.append(chain.stored(_stored(mus, i, m, mu, rounding[0])))
-      v = (1 - b2) * (g32 * g32) + b2 * chain.load(nus, i, nu)
-      new_nu.append(chain.stored(_stored(nus, i, v, nu, rounding[1])))
-      outs.append(_output(g32, m, v, count, b1, b2, eps, eps_root,
-                          nesterov).astype(g.dtype))
+      # Each moment is loaded once the previous one is stored again, so that
+      # one float32 copy is alive at a time. optax's arithmetic
+      # (optax.tree.update_moment and update_moment_per_elem_norm), in
+      # float32.
+      m = (1 - b1) * g32 + b1 * order.load(mu, mus.dtypes[i])
+      new_m = order.store(mus.store_one(i, m, mu.dtype, rounding[0]))
+      v = (1 - b2) * (g32 * g32) + b2 * order.load(nu, nus.dtypes[i])
+      new_v = order.store(nus.store_one(i, v, nu.dtype, rounding[1]))
+      out = _output(g32, m, v, count, b1, b2, eps, eps_root, nesterov)
+      return out.astype(g.dtype), new_m, new_v
+
+    outs, new_mu, new_nu = _engine.map_leaves(
+        step, mus.flatten(updates), mus.flatten(state.mu),
+        nus.flatten(state.nu), outputs=3)
     return mus.unflatten(outs), ScaleByAdamState(
         count=count, key=state.key, mu=mus.unflatten(new_mu),
         nu=nus.unflatten(new_nu))
@@ -226,11 +226,6 @@ def _output(g, m, v, count, b1, b2, eps, eps_root, nesterov):
     m_hat = (b1 * unbiased(m, b1, optax.safe_increment(count)) +
              (1 - b1) * unbiased(g, b1, count))
   return m_hat / (jnp.sqrt(unbiased(v, b2, count) + eps_root) + eps)
-
-
-def _stored(leaves: _leaves.Leaves, i: int, value, old, key):
-  """A moment as it is stored (a float one keeps its dtype)."""
-  return leaves.store_one(i, value, old.dtype, key)
 
 
 def adamw(

@@ -236,6 +236,11 @@ def check_quantization(bits: Any, block_size: Any, code_map: Any,
     check_bool(stochastic_rounding, 'stochastic_rounding')
 
 
+def check_nu_code_map(value: Any) -> None:
+  """A second moment's map: one of the unsigned maps."""
+  check_choice(value, 'nu_code_map', _quantization.UNSIGNED_CODE_MAPS)
+
+
 def check_transformation(value: Any, name: str) -> None:
   """Anything with callable ``init`` and ``update``."""
   if not (callable(getattr(value, 'init', None)) and

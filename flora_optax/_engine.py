@@ -1,7 +1,15 @@
 # Copyright 2026 The flora_optax Authors.
 # SPDX-License-Identifier: Apache-2.0
 
-"""Any leaf-separable optax transformation, run one parameter leaf at a time.
+"""The per-leaf engine: every transformation's loop, and any leaf-separable
+optax transformation run one parameter leaf at a time on it.
+
+:func:`map_leaves` is the loop that :func:`compressed_momentum`,
+:func:`scale_by_adam`, :class:`MultiSteps`, :func:`accumulate_gradients` and
+:func:`quantized` all run: per leaf a step loads its stored state through one
+:class:`LeafOrder` (a stored state decodes by its own format), runs that
+transformation's float math and stores the result, and the next leaf's loads
+come after it. The transformations hold only their float math.
 
 :func:`flora_optax.quantized` stores some state leaves of an arbitrary inner
 transformation in codes. To keep one leaf's float copy alive at a time it
@@ -177,11 +185,77 @@ def check_separable(update: Callable[..., Any], layout: Layout,
           'over parameter leaves.')
 
 
+def load(stored: Any, dtype: Any = None) -> Any:
+  """A stored state leaf as a float: codes decoded by their own format, a
+  float leaf cast; in ``dtype``, by default its own promoted to float32 (the
+  compute dtype). Non-float leaves (counts, keys) come back as they are."""
+  if is_quantized(stored):
+    if dtype is None:
+      dtype = jnp.promote_types(stored.dtype, jnp.float32)
+    return _quantization.decode(stored, dtype)
+  if not _is_float(stored):
+    return stored
+  return stored.astype(jnp.promote_types(stored.dtype, jnp.float32)
+                       if dtype is None else dtype)
+
+
+class LeafOrder:
+  """The loads and stores of one update, one leaf after the other.
+
+  Decoding a stored state makes a float copy of it. A load made through this
+  object is ordered after the last quantized state stored through it
+  (``_quantization.after``), so that one float copy is alive at a time
+  instead of every leaf's (XLA:CPU's scheduler otherwise keeps them all).
+  """
+
+  def __init__(self):
+    self._prev = None
+
+  def load(self, stored: Any, dtype: Any = None) -> Any:
+    """:func:`load` of ``stored``, after the last quantized leaf stored."""
+    if self._prev is not None and is_quantized(stored):
+      stored = _quantization.after(self._prev, stored)
+    return load(stored, dtype)
+
+  def store(self, stored: Any) -> Any:
+    """Records a leaf as stored (the next loads come after it); returns
+    it."""
+    if is_quantized(stored):
+      self._prev = stored
+    return stored
+
+
+def map_leaves(step: Callable[..., tuple[Any, ...]],
+               *columns: Sequence[Any], outputs: int) -> tuple[list[Any], ...]:
+  """The per-leaf loop of every transformation of flora_optax.
+
+  Calls ``step(order, k, *(column[k] for column in columns))`` for each leaf
+  ``k`` in turn, with one :class:`LeafOrder` for the whole update: ``step``
+  loads its stored states through it, runs its float math for leaf ``k``
+  and stores the results through it, and the next leaf's loads come after.
+
+  Args:
+    step: ``(order, k, *args) -> tuple`` of ``outputs`` values.
+    *columns: per-leaf arguments, one sequence per argument (equal lengths).
+    outputs: how many values ``step`` returns.
+
+  Returns:
+    ``outputs`` lists: the values ``step`` returned, per leaf.
+  """
+  order = LeafOrder()
+  results = [step(order, k, *args)
+             for k, args in enumerate(zip(*columns, strict=True))]
+  if not results:
+    return tuple([] for _ in range(outputs))
+  return tuple(list(r) for r in zip(*results, strict=True))
+
+
 def run(update: Callable[..., Any], layout: Layout, updates: Any,
         stored: Sequence[Any], params: Any, extra_args: dict[str, Any],
-        load: Callable[[int, Any, Any], Any],
+        dtype_of: Callable[[int, Any], Any],
         store: Callable[[int, Any], Any]) -> tuple[Any, list[Any]]:
-  """The inner ``update`` applied one parameter leaf at a time.
+  """The inner ``update`` applied one parameter leaf at a time
+  (:func:`map_leaves`).
 
   Args:
     update: the inner transformation's update function.
@@ -191,36 +265,36 @@ def run(update: Callable[..., Any], layout: Layout, updates: Any,
       ``layout.state_treedef``.
     params: the params or None.
     extra_args: passed to every call of ``update``.
-    load: ``(i, stored_leaf, prev) -> float leaf``: state leaf ``i`` for the
-      inner, computed after ``prev`` (the last leaf stored, or None).
+    dtype_of: ``(i, stored_leaf) -> dtype``: the dtype state leaf ``i`` is
+      loaded in for the inner.
     store: ``(i, float_leaf) -> stored leaf``.
 
   Returns:
     The new updates and the new stored state's leaves.
   """
-  new: list[Any] = [None] * len(stored)
-  outs, prev = [], None
-  done_shared = False
-  for k, (treedef_k, indices) in enumerate(layout.calls):
-    state_k = treedef_k.unflatten(
-        [load(i, stored[i], prev) if layout.owner[i] == k else stored[i]
-         for i in indices])
-    upd_k, new_k = update(layout.restrict(updates, k), state_k,
-                          layout.restrict(params, k), **extra_args)
-    new_leaves = treedef_k.flatten_up_to(new_k)
-    for i, value in zip(indices, new_leaves):
-      if layout.owner[i] == k:
-        new[i] = store(i, value)
-        prev = new[i]
-      elif not done_shared:  # the same in every call: taken from the first
-        new[i] = value
-    done_shared = True
-    outs.append(layout.treedef.flatten_up_to(upd_k)[k])
   if not layout.calls:  # no parameter leaves: one call does it all
     out, new_state = update(updates, layout.state_treedef.unflatten(stored),
                             params, **extra_args)
     return out, layout.state_treedef.flatten_up_to(new_state)
-  return layout.treedef.unflatten(outs), new
+
+  def step(order, k, call):
+    treedef_k, indices = call
+    state_k = treedef_k.unflatten(
+        [order.load(stored[i], dtype_of(i, stored[i]))
+         if layout.owner[i] == k else stored[i] for i in indices])
+    upd_k, new_k = update(layout.restrict(updates, k), state_k,
+                          layout.restrict(params, k), **extra_args)
+    new_k = {i: order.store(store(i, value)) if layout.owner[i] == k
+             else value
+             for i, value in zip(indices, treedef_k.flatten_up_to(new_k))}
+    return layout.treedef.flatten_up_to(upd_k)[k], new_k
+
+  outs, news = map_leaves(step, layout.calls, outputs=2)
+  new: dict[int, Any] = {}
+  for new_k in news:  # a shared leaf is the same in every call: the first's
+    for i, value in new_k.items():
+      new.setdefault(i, value)
+  return layout.treedef.unflatten(outs), [new[i] for i in range(len(stored))]
 
 
 def _is_float(x: Any) -> bool:
@@ -316,15 +390,10 @@ class Engine:
     # The inner's math runs in float32 at least: a parameter's state is
     # loaded in it (and stored back in its own dtype), and the gradients are;
     # the update is cast to the dtype the inner itself returns.
-    def load(i, leaf, prev):
+    def dtype_of(i, leaf):
       del i
-      if not is_quantized(leaf):
-        return (leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
-                if _is_float(leaf) else leaf)
-      if is_quantized(prev):
-        leaf = _quantization.after(prev, leaf)
-      return _quantization.Quantizer.of(leaf.format).decode(
-          leaf, dtype=jnp.promote_types(leaf.dtype, jnp.float32))
+      return (jnp.promote_types(leaf.dtype, jnp.float32)
+              if is_quantized(leaf) or _is_float(leaf) else None)
 
     def store(i, value):
       old = stored[i]
@@ -338,7 +407,7 @@ class Engine:
         lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32))
         if _is_float(g) else g, updates)
     new_updates, new = run(self.inner.update, layout, updates32, stored,
-                           params, extra_args, load, store)
+                           params, extra_args, dtype_of, store)
     new_updates = layout.treedef.unflatten([
         u if dt is None or u is None else u.astype(dt) for u, dt in zip(
             layout.treedef.flatten_up_to(new_updates), out_dtypes)])

@@ -1,23 +1,22 @@
 # Copyright 2026 The flora_optax Authors.
 # SPDX-License-Identifier: Apache-2.0
 
-"""The per-leaf engine that every transformation of flora_optax runs on.
+"""The leaves of a tree with how each is compressed: plans and quantizers.
 
-:func:`compressed_momentum`, :class:`MultiSteps`, :func:`accumulate_gradients`
-and :class:`Projector` all go through :class:`Leaves`: one flat view of a tree
-with each leaf's plan, compute dtype and sharding, and one place where the
-projections of a cycle are drawn, where leaves are compressed and
-decompressed, and where zero sketches (with their Flax NNX metadata) are
-made.
-
-It holds both compressors: the projection (a leaf's ``LeafPlan``: its state
-is a sketch) and the quantization of the stored state (a ``Quantizer``: the
-sketch, or the dense state, kept as block-wise codes). A transformation
-loads its state to float (:meth:`Leaves.load`), does its float math, and
-stores the result (:meth:`Leaves.store`); with ``quantizer=None`` these are the
-casts the float states always had. That is why ``accumulate_gradients`` and ``MultiSteps`` agree bit for
-bit, and why ``Projector.compress(g, cycle_key(key, c))`` reproduces what the
-optimizers compute: they share this code, not a convention.
+:func:`compressed_momentum`, :func:`scale_by_adam`, :class:`MultiSteps`,
+:func:`accumulate_gradients` and :class:`Projector` all see a tree through
+:class:`Leaves`: one flat view with each leaf's plan, compute dtype and
+sharding, and one place where the projections of a cycle are drawn, where
+leaves are compressed and decompressed, where a float state is stored
+(quantized, or cast), and where zero states (with their Flax NNX metadata)
+are made. Their per-leaf loops run on :func:`_engine.map_leaves`, as
+:func:`quantized` does: a step loads its state through the engine's
+:class:`_engine.LeafOrder`, does its float math, and stores the result
+(:meth:`Leaves.store_one`). With ``quantizer=None`` these are the casts the
+float states always had. That is why ``accumulate_gradients`` and
+``MultiSteps`` agree bit for bit, and why ``Projector.compress(g,
+cycle_key(key, c))`` reproduces what the optimizers compute: they share this
+code, not a convention.
 """
 
 from __future__ import annotations
@@ -30,13 +29,14 @@ import jax
 from jax.sharding import NamedSharding
 
 from flora_optax import _checks
+from flora_optax import _engine
 from flora_optax import _keys
 from flora_optax import _nnx
 from flora_optax import _projection
 from flora_optax import _quantization
 from flora_optax import _sharding
 from flora_optax._projection import Item, LeafPlan
-from flora_optax._quantization import QuantizedArray, Quantizer, is_quantized
+from flora_optax._quantization import Quantizer, is_quantized
 from flora_optax._types import KeyPath
 
 
@@ -56,27 +56,6 @@ def quantizer(bits: Any, block_size: Any = None, code_map: Any = None,
       bits, block_size, code_map,
       default_rounding if stochastic_rounding is None else
       stochastic_rounding, min_quantized_size, **options)
-
-
-class Chain:
-  """Orders the leaves of one update: a stored state is loaded once the
-  previous quantized one is stored again, so that one float copy is alive
-  at a time (``_quantization.after``)."""
-
-  def __init__(self):
-    self._prev = None
-
-  def load(self, leaves: 'Leaves', i: int, stored: Any) -> jax.Array:
-    """Leaf ``i``'s stored state as a float, after the previous leaf's."""
-    if self._prev is not None and is_quantized(stored):
-      stored = _quantization.after(self._prev, stored)
-    return leaves.load_one(i, stored)
-
-  def stored(self, x: Any) -> Any:
-    """Records a newly stored state; returns it."""
-    if is_quantized(x):
-      self._prev = x
-    return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +126,7 @@ class Leaves:
   def load_one(self, i: int, stored: Any) -> jax.Array:
     """Leaf ``i``'s stored state (sketch or dense) as a float in its compute
     dtype."""
-    item = self.items[i]
-    if isinstance(stored, QuantizedArray):
-      return self.quantizer.decode(stored, item.plan.sketch_shape, item.dtype)
-    return stored.astype(item.dtype)
+    return _engine.load(stored, self.items[i].dtype)
 
   def store_one(self, i: int, value: jax.Array, dtype: Any,
                 key: jax.Array | None = None) -> Any:

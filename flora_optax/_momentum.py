@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from flora_optax import _checks
+from flora_optax import _engine
 from flora_optax import _keys
 from flora_optax import _leaves
 from flora_optax._leaves import Leaves, Quantizer
@@ -352,30 +353,25 @@ class _Momentum:
     return g + plan.decompress(
         coef, plan.dual_rows(p, gram_inverse=gram_inv), sharding)
 
-  def _dense(self, leaves: Leaves, i: int, g32, old, chain):
-    """A dense leaf's update and new momentum: an exact EMA."""
-    decay = self.decay
-    new_m = (1 - decay) * g32 + decay * chain.load(leaves, i, old)
-    out = decay * new_m + (1 - decay) * g32 if self.nesterov else new_m
-    return out, new_m
-
   def _step_leaves(self, leaves: Leaves, gs, ps, stored, sketches, rounding):
     """Every leaf's update and stored new momentum, leaf after leaf."""
     invs = self._gram_invs(leaves, ps, self.residual)
-    outs, new_mu, chain = [], [], _leaves.Chain()
-    for i, (item, g, p, sh, inv) in enumerate(zip(
-        leaves.items, gs, ps, leaves.shardings, invs)):
+    decay = self.decay
+
+    def step(order, i, g, old, p, inv):
+      item, sh = leaves.items[i], leaves.shardings[i]
       g32 = g.astype(item.dtype)
-      if p is None:
-        out, new_m = self._dense(leaves, i, g32, stored[i], chain)
+      if item.plan.dense:  # an exact EMA
+        new_m = (1 - decay) * g32 + decay * order.load(old, item.dtype)
+        out = decay * new_m + (1 - decay) * g32 if self.nesterov else new_m
       else:
         s = item.plan.compress(g32, p, sh)
-        new_m = (1 - self.decay) * s + self.decay * sketches[i]
+        new_m = (1 - decay) * s + decay * sketches[i]
         out = self._output(item.plan, g32, s, new_m, p, sh, inv)
-      outs.append(out.astype(g.dtype))
-      new_mu.append(chain.stored(
-          leaves.store_one(i, new_m, self.acc_dtype, rounding)))
-    return outs, new_mu
+      return out.astype(g.dtype), order.store(
+          leaves.store_one(i, new_m, self.acc_dtype, rounding))
+
+    return _engine.map_leaves(step, gs, stored, ps, invs, outputs=2)
 
   def update(self, updates, state, params=None, **extra_args):
     del extra_args
@@ -390,7 +386,7 @@ class _Momentum:
     # The sketches of compressed leaves, loaded here when a new cycle may
     # transfer them; dense leaves are loaded one at a time below.
     sketches = {i: leaves.load_one(i, stored[i])
-                for i, p in enumerate(ps) if p is not None}
+                for i, item in enumerate(leaves.items) if not item.plan.dense}
     if new_cycle is not None and sketches:
       sketches = jax.lax.cond(
           new_cycle, functools.partial(self._transferred, leaves, ps,

@@ -572,13 +572,14 @@ class Quantizer:
     return x.astype(dtype)
 
 
-def decode(q: QuantizedArray) -> jax.Array:
-  """The float array a :class:`QuantizedArray` stands for, from its format."""
+def decode(q: QuantizedArray, dtype: Any = None) -> jax.Array:
+  """The float array a :class:`QuantizedArray` stands for, from its format,
+  in ``dtype`` (default: the format's)."""
   if q.format is None:
     raise ValueError('this QuantizedArray has no format (written by '
                      'flora_optax < 0.4): decode it with the optimizer that '
                      'wrote it.')
-  return Quantizer.of(q.format).decode(q)
+  return Quantizer.of(q.format).decode(q, dtype=dtype)
 
 
 def chains_leaves() -> bool:

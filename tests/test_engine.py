@@ -1,4 +1,5 @@
-"""The per-leaf engine: projections drawn in bounded chunks.
+"""The per-leaf engine: its loop and order, projections drawn in bounded
+chunks.
 
 (That MultiSteps and accumulate_gradients agree bit for bit through it is
 test_accumulation.test_scan_recipe_equals_multisteps.)
@@ -76,3 +77,30 @@ def test_momentum_is_the_same_under_any_chunking(monkeypatch):
   jax.clear_caches()
   got = run()
   jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_map_leaves_orders_loads_after_the_last_quantized_store(monkeypatch):
+  # The loop every transformation runs on: per leaf, loads come after the
+  # last quantized state stored (a float store in between does not reset
+  # the order), and the results come back per output.
+  from flora_optax import _engine, _quantization  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(_quantization, 'after',
+                      lambda prev, q: calls.append((prev, q)) or q)
+  monkeypatch.setattr(_quantization, 'chains_leaves', lambda: True)
+  q = _quantization.make_quantizer(8, min_size=0)
+  stored = [q.encode(jnp.full((4, 8), 1.0)), jnp.zeros((3,)),
+            q.encode(jnp.full((4, 8), 2.0))]
+
+  def step(order, k, s):
+    x = order.load(s, jnp.float32)
+    new = order.store(q.encode(x + 1) if k != 1 else x + 1)
+    return x.sum(), new
+
+  sums, news = _engine.map_leaves(step, stored, outputs=2)
+  np.testing.assert_allclose(sums, [32.0, 0.0, 64.0])
+  assert [_quantization.is_quantized(n) for n in news] == [True, False, True]
+  # One chained load: leaf 2's, after leaf 0's new codes (leaf 1 is float).
+  assert len(calls) == 1 and calls[0][0] is news[0]
+  assert calls[0][1] is stored[2]
+  assert _engine.map_leaves(step, [], outputs=2) == ([], [])

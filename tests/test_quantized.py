@@ -407,21 +407,26 @@ def test_state_shardings_and_sharded_equals_unsharded():
                               rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_peak_is_leaf_by_leaf(monkeypatch):
+@pytest.mark.parametrize('with_biases', [False, True])
+def test_compiled_peak_is_leaf_by_leaf(monkeypatch, with_biases):
   # Eight 256x1024 leaves: the quantized update's temporaries hold about one
   # leaf's float moments, not every leaf's (which optax.adam's state is).
   # Leaves are chained as on one device (the suite has 8: see
-  # _quantization.chains_leaves).
+  # _quantization.chains_leaves). With a small float leaf (a bias, kept in
+  # float) after each matrix the chain must not break at it.
   from flora_optax import _quantization  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(_quantization, 'chains_leaves', lambda: True)
   params = {f'l{i}': jnp.zeros((256, 1024)) for i in range(8)}
+  if with_biases:
+    params.update({f'l{i}_b': jnp.zeros((1024,)) for i in range(8)})
   tx = flora_optax.quantized(optax.adam(1e-3))
   state = tx.init(params)
   compiled = jax.jit(tx.update, donate_argnums=1).lower(
       params, state, params).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   one_leaf_moments = 2 * 256 * 1024 * 4
-  assert temp < 3 * one_leaf_moments, temp / one_leaf_moments
+  # (0.65 measured; 1.65 when a float leaf broke the chain.)
+  assert temp < 1.2 * one_leaf_moments, temp / one_leaf_moments
   float_state_bytes = 8 * one_leaf_moments
   assert temp < float_state_bytes / 2
 
