@@ -99,6 +99,7 @@ def test_small_lm_data_and_loss():
   assert abs(loss - math.log(cfg.vocab)) < 0.1
 
 
+@pytest.mark.slow
 def test_gpu_quick_run_writes_every_section(tmp_path):
   # Deferred import: benchmarks.gpu records its start time when imported.
   from benchmarks import gpu  # pylint: disable=g-import-not-at-top
@@ -156,6 +157,7 @@ def test_gpu_quick_run_writes_every_section(tmp_path):
   assert len(res['targets']) == 7
 
 
+@pytest.mark.slow
 def test_gpu_quality_section_quick():
   from benchmarks import gpu, gpu_quality  # pylint: disable=g-import-not-at-top
   res = gpu_quality.section('quick', gpu.Budget(600, start=time.perf_counter()),
@@ -176,6 +178,7 @@ def test_gpu_quality_section_quick():
   assert 'Quality: a GPU-sized byte GPT' in text and 'B/param' in text
 
 
+@pytest.mark.slow
 def test_quality_quick_run(tmp_path):
   # Imported here: the study loads the examples' corpus and model.
   from benchmarks import quality  # pylint: disable=g-import-not-at-top
@@ -266,6 +269,7 @@ def test_quality_best_lr_skips_diverged_runs():
   assert quality.best_lr(lrs, [[3.0, 3.0], [2.0, 2.0], [1.0, 1.0]]) == 2
 
 
+@pytest.mark.slow
 def test_quantized_quick_run():
   from benchmarks import quantized  # pylint: disable=g-import-not-at-top
   res = quantized.run(quick=True, log=lambda *_: None)

@@ -84,6 +84,9 @@ def test_setup_commands_are_self_contained_and_ci_runs_the_test_command():
   # The line after the comment naming it, character for character.
   at = next(i for i, l in enumerate(ci) if l.startswith("# The README's test"))
   assert ci[at + 1] == test_command, (ci[at + 1], test_command)
+  # The tests that command leaves out (pyproject's addopts: not slow) run
+  # in CI too.
+  assert 'python -m pytest -n 2 -q -m slow' in ci
 
 
 
