@@ -17,8 +17,10 @@ consecutive entries along the last axis with a float32 absmax scale per
 block (the library's layout). The maps (:func:`signed_levels`): ``'linear'``,
 ``'cubic'`` and ``'normal'`` are symmetric with a zero (``2L + 1`` values,
 ``L = 2**(bits - 1) - 1``: ternary at 2 bits, one code unused), ``'even'``
-uses all ``2**bits`` codes and has no zero (``±(2i + 1)/(2**bits - 1)``).
-Nearest rounding picks the nearest value; stochastic rounding picks a
+uses all ``2**bits`` codes and has no zero (``±(2i + 1)/(2**bits - 1)``);
+``'lloyd'``, the Lloyd-Max levels of normal data, has no zero either and is
+scaled by the block's RMS instead of its absmax (entries beyond the largest
+level are clipped); ``'lloyd_zero'`` is its odd version, with a zero. Nearest rounding picks the nearest value; stochastic rounding picks a
 neighbour with the probability that makes the decoded value unbiased.
 Packed: ``bits/8`` bytes per entry plus 4 per block.
 
@@ -28,7 +30,8 @@ its magnitude that Adafactor uses for the second moment (Shazeer and Stern
 2018): row sums ``r`` and column sums ``c`` of ``|m|``, decoded as
 ``sign(m) · r cᵀ / sum(r)``. That is the I-divergence-optimal rank-1 fit of a
 non-negative matrix, exact when ``|m|`` is rank-1. Packed: ``1/8`` byte per
-entry plus ``4 (n + m)`` per matrix. Its like-for-like baseline,
+entry plus ``4 (n + m)`` per matrix (``2 (n + m)`` with the factors in
+bfloat16, the ``_bf16`` row). Its like-for-like baseline,
 :func:`block_code_momentum` with ``code_map='sign'``, keeps the signs and one
 float32 per block (the block's mean ``|m|``, the L2-optimal scale of ±1
 codes): the same ``1/8`` byte per entry, the magnitude per block instead of
@@ -65,7 +68,14 @@ from benchmarks import common
 from benchmarks.quality.settings import ADAFACTOR
 
 MIN_SIZE = 4096  # the library's DEFAULT_MIN_SIZE
-SIGNED_MAPS = ('linear', 'cubic', 'normal', 'even', 'sign')
+SIGNED_MAPS = ('linear', 'cubic', 'normal', 'even', 'sign', 'lloyd',
+               'lloyd_zero')
+# The Lloyd-Max quantizer of a unit normal (the levels that minimise the
+# mean squared error, Max 1960): positive levels for 2 and 3 bits, with
+# 2**bits levels (no zero) and with 2**bits - 1 (a zero level, one code
+# unused).
+LLOYD_MAX = {2: (0.4528, 1.5104), 3: (0.2451, 0.7560, 1.3440, 2.1520)}
+LLOYD_MAX_ZERO = {2: (1.2240,), 3: (0.5606, 1.1882, 2.0334)}
 NU_SCHEMES = ('block', 'rank1', 'rank1_sqrt')
 
 
@@ -77,7 +87,12 @@ def signed_levels(code_map: str, bits: int) -> tuple[float, ...]:
       ``t (0.72 + 0.28 t²)``, ``t = c/L``), ``'normal'`` (the library's
       normal quantiles, its formula at any ``bits``), each with ``2L + 1``
       values; ``'even'``: ``2**bits`` values ``±(2i + 1)/(2**bits - 1)``, no
-      zero; ``'sign'`` (``bits=1`` only): ``±1``.
+      zero; ``'sign'`` (``bits=1`` only): ``±1``; ``'lloyd'`` (2 or 3
+      bits): the Lloyd-Max levels of a normal distribution over the largest
+      (``LLOYD_MAX``), no zero, used with a scale of the block's RMS times
+      that largest level (:func:`block_code_momentum`); ``'lloyd_zero'``:
+      the same with ``2**bits - 1`` levels, zero among them
+      (``LLOYD_MAX_ZERO``).
     bits: 1 to 8.
 
   Returns:
@@ -91,6 +106,13 @@ def signed_levels(code_map: str, bits: int) -> tuple[float, ...]:
       raise ValueError("bits=1 goes with code_map='sign' only")
     return (-1.0, 1.0)
   n = 2**bits
+  if code_map in ('lloyd', 'lloyd_zero'):
+    table = LLOYD_MAX if code_map == 'lloyd' else LLOYD_MAX_ZERO
+    if bits not in table:
+      raise ValueError(f'code_map={code_map!r} has bits {tuple(table)}')
+    mags = [x / table[bits][-1] for x in table[bits]]
+    zero = [0.0] if code_map == 'lloyd_zero' else []
+    return tuple([-x for x in reversed(mags)] + zero + mags)
   if code_map == 'even':
     return tuple((2 * i + 1 - n) / (n - 1) for i in range(n))
   big = 2**(bits - 1) - 1
@@ -165,7 +187,7 @@ def _round_to(u: jax.Array, values: tuple[float, ...],
 
 def encode_blocks(x: jax.Array, values: tuple[float, ...], block: int,
                   key: jax.Array | None = None,
-                  scale: str = 'absmax') -> BlockCodes:
+                  scale: str | float = 'absmax') -> BlockCodes:
   """``x`` in block codes of ``values`` (see :func:`signed_levels`).
 
   Args:
@@ -173,16 +195,23 @@ def encode_blocks(x: jax.Array, values: tuple[float, ...], block: int,
     values: the map's increasing values, ±1 at the ends.
     block: entries per block along the last axis (at most).
     key: stochastic rounding's key; ``None``: nearest rounding.
-    scale: ``'absmax'`` (every entry inside ``[-s, s]``) or ``'mean'``
-      (the block's mean ``|x|``: the L2-optimal scale of ±1 codes; entries
-      beyond it are clipped to ±1).
+    scale: ``'absmax'`` (every entry inside ``[-s, s]``), ``'mean'``
+      (the block's mean ``|x|``: the L2-optimal scale of ±1 codes) or a
+      number ``c`` (``c`` times the block's RMS: with ``'lloyd'`` values,
+      the Lloyd-Max quantizer of normal data); entries beyond the scale
+      are clipped to ±1.
 
   Returns:
     The codes and scales.
   """
   xb = _blocked(x.astype(jnp.float32), block)
   mag = jnp.abs(xb)
-  s = mag.max(-1) if scale == 'absmax' else mag.mean(-1)
+  if scale == 'absmax':
+    s = mag.max(-1)
+  elif scale == 'mean':
+    s = mag.mean(-1)
+  else:
+    s = scale * jnp.sqrt(jnp.mean(mag * mag, -1))
   safe = jnp.where(s > 0, s, 1.0)[..., None]
   u = jnp.clip(xb / safe, -1.0, 1.0)
   noise = None if key is None else jax.random.uniform(key, u.shape)
@@ -196,16 +225,20 @@ def decode_blocks(q: BlockCodes, values: tuple[float, ...],
                     shape)
 
 
-def encode_sign_factors(x: jax.Array) -> SignFactors:
-  """Signs and the row and column sums of ``|x|`` (last two axes)."""
+def encode_sign_factors(x: jax.Array,
+                        dtype: jnp.dtype = jnp.float32) -> SignFactors:
+  """Signs and the row and column sums of ``|x|`` (last two axes), the sums
+  stored in ``dtype``."""
   mag = jnp.abs(x)
-  return SignFactors(x >= 0, mag.sum(-1), mag.sum(-2))
+  return SignFactors(x >= 0, mag.sum(-1).astype(dtype),
+                     mag.sum(-2).astype(dtype))
 
 
 def decode_sign_factors(q: SignFactors) -> jax.Array:
-  total = q.rows.sum(-1, keepdims=True)
-  rows = q.rows / jnp.where(total > 0, total, 1.0)
-  mag = rows[..., :, None] * q.cols[..., None, :]
+  rows_ = q.rows.astype(jnp.float32)
+  total = rows_.sum(-1, keepdims=True)
+  rows = rows_ / jnp.where(total > 0, total, 1.0)
+  mag = rows[..., :, None] * q.cols.astype(jnp.float32)[..., None, :]
   return jnp.where(q.signs, mag, -mag)
 
 
@@ -250,8 +283,8 @@ def packed_bytes(leaf_state: Any, bits: int) -> int:
     return math.ceil(n * bits / 8) + 4 * leaf_state.scales.size
   if isinstance(leaf_state, SignFactors):
     n = math.prod(leaf_state.signs.shape)
-    return math.ceil(n / 8) + 4 * (leaf_state.rows.size +
-                                   leaf_state.cols.size)
+    return math.ceil(n / 8) + common.tree_bytes((leaf_state.rows,
+                                                 leaf_state.cols))
   if isinstance(leaf_state, Rank1Codes):
     n = math.prod(leaf_state.codes.shape)
     return (math.ceil(n * bits / 8) + 4 * (leaf_state.row_max.size +
@@ -361,9 +394,13 @@ def block_code_momentum(decay: float, *, bits: int, code_map: str,
                         ) -> optax.GradientTransformation:
   """An EMA (``optax.ema(decay, debias=False)``) kept in ``bits``-bit block
   codes between steps (module docstring). ``code_map='sign'`` with
-  ``bits=1``: ±(the block's mean ``|m|``)."""
+  ``bits=1``: ±(the block's mean ``|m|``); ``'lloyd'``: scaled by the
+  block's RMS (not its absmax), so that most entries land on distinct
+  levels and the few beyond the largest level are clipped."""
   values = signed_levels(code_map, bits)
-  scale = 'mean' if code_map == 'sign' else 'absmax'
+  scale = {'sign': 'mean', 'lloyd': LLOYD_MAX.get(bits, [0])[-1],
+           'lloyd_zero': LLOYD_MAX_ZERO.get(bits, [0])[-1]}.get(
+               code_map, 'absmax')
   return _momentum_tx(
       decay,
       lambda x, k: encode_blocks(x, values, block_size, k, scale),
@@ -371,11 +408,15 @@ def block_code_momentum(decay: float, *, bits: int, code_map: str,
       bits, key, min_size, stochastic)
 
 
-def factored_sign_momentum(decay: float, *, min_size: int = MIN_SIZE
+def factored_sign_momentum(decay: float, *, min_size: int = MIN_SIZE,
+                           factor_dtype: jnp.dtype = jnp.float32
                            ) -> optax.GradientTransformation:
   """An EMA kept as signs and rank-1 factors of its magnitude (module
-  docstring); leaves under ``min_size`` entries, and vectors, in float32."""
-  return _momentum_tx(decay, lambda x, k: encode_sign_factors(x),
+  docstring), the factors in ``factor_dtype`` (bfloat16: half their bytes,
+  which on small matrices are a third of the state); leaves under
+  ``min_size`` entries, and vectors, in float32."""
+  return _momentum_tx(decay,
+                      lambda x, k: encode_sign_factors(x, factor_dtype),
                       lambda q, shape: decode_sign_factors(q), 1, 0,
                       min_size, False, matrices_only=True)
 
@@ -512,6 +553,17 @@ for _bits in (2, 3):
                    ('_sr' if _sr else '')] = dict(
                        bits=_bits, code_map=_map, block_size=_block,
                        stochastic=_sr)
+# MSE-optimal levels for normal data, scaled by the block's RMS (added
+# after the absmax maps lost at 2 bits: most entries fell in the zero code
+# or on the smallest level).
+# Then with a zero level: without one, an entry with no gradient decodes
+# to ±0.3 of the scale every step and drifts (2 bits, blocks of 64: NaN on
+# mlp and autoencoder).
+for _map in ('lloyd', 'lloyd_zero'):
+  for _bits in (2, 3):
+    for _block in (64, 256):
+      BLOCK_ROWS[f'momentum_{_bits}bit_{_map}_b{_block}'] = dict(
+          bits=_bits, code_map=_map, block_size=_block, stochastic=False)
 # The library's default 4-bit momentum, rebuilt: validates the prototype.
 BLOCK_ROWS['momentum_4bit_cubic_b64_proto'] = dict(
     bits=4, code_map='cubic', block_size=64, stochastic=False)
@@ -536,10 +588,11 @@ def make_block(options: dict[str, Any], momentum: float):
   return make
 
 
-def make_factored(momentum: float):
+def make_factored(momentum: float, factor_dtype: jnp.dtype = jnp.float32):
   def make(lr, rank, key, resample_every):
     del rank, key, resample_every
-    return adafactor_with(lr, factored_sign_momentum(momentum))
+    return adafactor_with(lr, factored_sign_momentum(
+        momentum, factor_dtype=factor_dtype))
   return make
 
 

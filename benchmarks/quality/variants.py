@@ -408,6 +408,11 @@ def _frontier_rows() -> list[Variant]:
       '|m| (prototype, storage simulated)',
       frontier.make_factored(MOMENTUM), ranked=False, ablation=True,
       named_only=True, state_bytes=packed))
+  rows.append(Variant(
+      'momentum_factored_sign_bf16', 'momentum as signs x rank-1 factored '
+      '|m|, factors in bfloat16 (prototype, storage simulated)',
+      frontier.make_factored(MOMENTUM, jnp.bfloat16), ranked=False,
+      ablation=True, named_only=True, state_bytes=packed))
   for nu, what in (('block', 'prototype of flora_optax.adamw(bits=4)'),
                    ('rank1', 'v rank-1 normalized, linear map without 0'),
                    ('rank1_sqrt', "v rank-1 normalized, 'sqrt' map")):
