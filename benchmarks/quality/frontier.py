@@ -74,8 +74,13 @@ SIGNED_MAPS = ('linear', 'cubic', 'normal', 'even', 'sign', 'lloyd',
 # mean squared error, Max 1960): positive levels for 2 and 3 bits, with
 # 2**bits levels (no zero) and with 2**bits - 1 (a zero level, one code
 # unused).
-LLOYD_MAX = {2: (0.4528, 1.5104), 3: (0.2451, 0.7560, 1.3440, 2.1520)}
-LLOYD_MAX_ZERO = {2: (1.2240,), 3: (0.5606, 1.1882, 2.0334)}
+# Positive levels, in units of the RMS (Lloyd iterations on N(0, 1)).
+LLOYD_MAX = {2: (0.4528, 1.5104), 3: (0.2451, 0.7560, 1.3440, 2.1520),
+             4: (0.1284, 0.3880, 0.6568, 0.9423, 1.2562, 1.6180, 2.0690,
+                 2.7326)}
+LLOYD_MAX_ZERO = {2: (1.2240,), 3: (0.5606, 1.1882, 2.0334),
+                  4: (0.2739, 0.5548, 0.8511, 1.1749, 1.5461, 2.0065,
+                      2.6809)}
 NU_SCHEMES = ('block', 'rank1', 'rank1_sqrt')
 
 
@@ -559,8 +564,10 @@ for _bits in (2, 3):
 # Then with a zero level: without one, an entry with no gradient decodes
 # to ±0.3 of the scale every step and drifts (2 bits, blocks of 64: NaN on
 # mlp and autoencoder).
+# And at 4 bits: does the RMS scale beat the library's absmax 'cubic' codes
+# where 4-bit momentum missed (regression)?
 for _map in ('lloyd', 'lloyd_zero'):
-  for _bits in (2, 3):
+  for _bits in (2, 3, 4):
     for _block in (64, 256):
       BLOCK_ROWS[f'momentum_{_bits}bit_{_map}_b{_block}'] = dict(
           bits=_bits, code_map=_map, block_size=_block, stochastic=False)
