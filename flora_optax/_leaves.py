@@ -164,7 +164,7 @@ class Leaves:
                ps: Sequence[jax.Array | None]) -> list[jax.Array]:
     """Sketches in the compute dtype; dense leaves pass through unchanged."""
     return [
-        g if p is None else item.plan.compress(
+        g if item.plan.dense else item.plan.compress(
             g.astype(item.dtype), p, _sharding.explicit_sharding(g))
         for item, g, p in zip(self.items, gs, ps)
     ]
@@ -173,7 +173,8 @@ class Leaves:
                  ps: Sequence[jax.Array | None]) -> list[jax.Array]:
     """Full-size leaves in the compute dtype, sharded like the leaves."""
     return [
-        c if p is None else item.plan.decompress(c.astype(item.dtype), p, sh)
+        c if item.plan.dense else
+        item.plan.decompress(c.astype(item.dtype), p, sh)
         for item, c, p, sh in zip(self.items, cs, ps, self.shardings)
     ]
 

@@ -219,8 +219,8 @@ class Projector:
     olds = leaves.draw(_keys.as_typed(old_key))
     news = leaves.draw(_keys.as_typed(new_key))
     return leaves.unflatten([
-        c if p is None else item.plan.transfer(c.astype(item.dtype), p_old, p,
-                                               method, sh)
+        c if item.plan.dense else
+        item.plan.transfer(c.astype(item.dtype), p_old, p, method, sh)
         for c, p_old, p, item, sh in zip(leaves.flatten(sketches), olds, news,
                                          leaves.items, leaves.shardings)])
 
@@ -245,7 +245,7 @@ class Projector:
     leaves = Leaves.of(self, tree)
     ps = leaves.draw(_keys.as_typed(key))
     return leaves.unflatten([
-        g if p is None else item.plan.project(g.astype(item.dtype), p,
-                                              sharding=sh)
+        g if item.plan.dense else
+        item.plan.project(g.astype(item.dtype), p, sharding=sh)
         for g, p, item, sh in zip(leaves.flatten(tree), ps, leaves.items,
                                   leaves.shardings)])
