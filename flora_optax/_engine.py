@@ -252,10 +252,10 @@ def map_leaves(step: Callable[..., tuple[Any, ...]],
 
 def run(update: Callable[..., Any], layout: Layout, updates: Any,
         stored: Sequence[Any], params: Any, extra_args: dict[str, Any],
-        dtype_of: Callable[[int, Any], Any],
         store: Callable[[int, Any], Any]) -> tuple[Any, list[Any]]:
   """The inner ``update`` applied one parameter leaf at a time
-  (:func:`map_leaves`).
+  (:func:`map_leaves`), each state leaf it owns loaded in its own dtype, at
+  least float32 (:func:`load`).
 
   Args:
     update: the inner transformation's update function.
@@ -265,8 +265,6 @@ def run(update: Callable[..., Any], layout: Layout, updates: Any,
       ``layout.state_treedef``.
     params: the params or None.
     extra_args: passed to every call of ``update``.
-    dtype_of: ``(i, stored_leaf) -> dtype``: the dtype state leaf ``i`` is
-      loaded in for the inner.
     store: ``(i, float_leaf) -> stored leaf``.
 
   Returns:
@@ -280,8 +278,8 @@ def run(update: Callable[..., Any], layout: Layout, updates: Any,
   def step(order, k, call):
     treedef_k, indices = call
     state_k = treedef_k.unflatten(
-        [order.load(stored[i], dtype_of(i, stored[i]))
-         if layout.owner[i] == k else stored[i] for i in indices])
+        [order.load(stored[i]) if layout.owner[i] == k else stored[i]
+         for i in indices])
     upd_k, new_k = update(layout.restrict(updates, k), state_k,
                           layout.restrict(params, k), **extra_args)
     new_k = {i: order.store(store(i, value)) if layout.owner[i] == k
@@ -390,11 +388,6 @@ class Engine:
     # The inner's math runs in float32 at least: a parameter's state is
     # loaded in it (and stored back in its own dtype), and the gradients are;
     # the update is cast to the dtype the inner itself returns.
-    def dtype_of(i, leaf):
-      del i
-      return (jnp.promote_types(leaf.dtype, jnp.float32)
-              if is_quantized(leaf) or _is_float(leaf) else None)
-
     def store(i, value):
       old = stored[i]
       if not is_quantized(old):
@@ -407,7 +400,7 @@ class Engine:
         lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32))
         if _is_float(g) else g, updates)
     new_updates, new = run(self.inner.update, layout, updates32, stored,
-                           params, extra_args, dtype_of, store)
+                           params, extra_args, store)
     new_updates = layout.treedef.unflatten([
         u if dt is None or u is None else u.astype(dt) for u, dt in zip(
             layout.treedef.flatten_up_to(new_updates), out_dtypes)])

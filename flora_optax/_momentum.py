@@ -169,8 +169,8 @@ def compressed_momentum(
       axis; ``None``: 256 for 8 bits, 64 for 4 bits.
     code_map: the map of the codes (:func:`code_values`): ``'sqrt'``,
       ``'cubic'``, ``'normal'``, ``'linear'``, ``'dynamic'`` or ``'log'``;
-      ``None``: ``'sqrt'`` for 8 bits, ``'cubic'`` for 4 (measured: the least error
-      at the peers' bounds, and the best 4-bit momentum).
+      ``None``: ``'sqrt'`` for 8 bits, ``'cubic'`` for 4 (measured: the
+      least error at the peers' bounds, and the best 4-bit momentum).
     min_quantized_size: leaves whose state has fewer entries stay in
       ``accumulator_dtype``; ``None``: 4096.
     stochastic_rounding: round codes at random, unbiased in value, with noise

@@ -286,6 +286,7 @@ def _cubic(t):
   """A code over ``L`` (``t ∈ [-1, 1]``) to its value: odd, increasing."""
   return t * (_CUBIC_A + (1.0 - _CUBIC_A) * t * t)
 
+
 def _lookup(index: jax.Array, values: tuple[float, ...]) -> jax.Array:
   """``values[index]`` for an int32 ``index`` in range. A short table is a
   sum of selects, exact (one term is not zero) and element-wise, so that it
