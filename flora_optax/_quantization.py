@@ -287,6 +287,28 @@ def _cubic(t):
   return t * (_CUBIC_A + (1.0 - _CUBIC_A) * t * t)
 
 
+def _cubic_levels(u: jax.Array, levels: int) -> jax.Array:
+  """:func:`_table_levels` of the cubic map's values, computed: the code
+  just below ``u`` plus the fraction of the way to the next value.
+
+  The inverse of the cubic (increasing, convex for ``t ≥ 0``) by two Newton
+  steps from above, then the code below corrected by one step either way
+  against the decoded values themselves, so that it is exact; the table's
+  ``2L`` compares and ``4L`` selects per entry made stochastic 4-bit codes
+  20x slower than nearest ones on XLA:CPU.
+  """
+  a = abs(u) if isinstance(u, float) else jnp.abs(u)
+  t = jnp.minimum(a / _CUBIC_A, 1.0)
+  for _ in range(2):
+    t = t - (_cubic(t) - a) / (_CUBIC_A + 3 * (1 - _CUBIC_A) * t * t)
+  t = jnp.where(u < 0, -t, t)
+  lo = jnp.clip(jnp.floor(t * levels), -levels, levels)
+  lo = jnp.where(_cubic((lo + 1) / levels) <= u, lo + 1, lo)
+  lo = jnp.where(_cubic(lo / levels) > u, lo - 1, lo)
+  v_lo, v_hi = _cubic(lo / levels), _cubic((lo + 1) / levels)
+  return lo + jnp.clip((u - v_lo) / (v_hi - v_lo), 0.0, 1.0)
+
+
 def _lookup(index: jax.Array, values: tuple[float, ...]) -> jax.Array:
   """``values[index]`` for an int32 ``index`` in range. A short table is a
   sum of selects, exact (one term is not zero) and element-wise, so that it
@@ -335,6 +357,8 @@ def _to_levels(u: jax.Array, code_map: str, bits: int,
   """``u ∈ [-1, 1]`` to the real-valued code axis ``[-L, L]`` (unsigned:
   ``u ∈ [0, 1]`` to ``[-1, N - 1]`` or ``[0, N - 1]``): ``round`` of it is
   the nearest code by value, ``floor`` the code just below."""
+  if code_map in _ARITHMETIC_DECODE:
+    return _cubic_levels(u, 2**(bits - 1) - 1)
   if code_map not in _ARITHMETIC:
     y = _table_levels(u, _code_values(code_map, bits, signed))
     return y - (2**(bits - 1) - 1) if signed else y
@@ -513,10 +537,9 @@ class Quantizer:
       width = v_hi - v_lo
       p = jnp.where(width > 0, (u - v_lo) / jnp.where(width > 0, width, 1.0),
                     0.0)
-      # 16 random bits per entry (half the bits and bytes of float32
-      # uniforms): P(up) is resolved to 2**-16, a bias of at most 2**-17 of
-      # a code step.
-      noise = jax.random.bits(key, self._unblocks(xb, m).shape, jnp.uint16)
+      # 16 random bits per entry: P(up) is resolved to 2**-16, a bias of at
+      # most 2**-17 of a code step.
+      noise = _noise16(key, self._unblocks(xb, m).shape)
       u01 = (self._blocks(noise).astype(jnp.float32) + 0.5) / 65536
       codes = lo + (u01 < p)
     else:
@@ -612,24 +635,69 @@ def after(prev: QuantizedArray, q: QuantizedArray) -> QuantizedArray:
   return q._replace(scales=q.scales + zero)
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+  """A bijective avalanche of uint32 words (xor-shifts and odd multiplies,
+  the finalizer of MurmurHash3): each output bit depends on every input
+  bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _noise16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """16 uniform random bits per entry of ``shape`` (uint32 in
+  ``[0, 65536)``), a function of ``key`` and each entry's index alone.
+
+  Two 32-bit words are drawn from ``key``; each entry hashes its flat index
+  with them (:func:`_mix32` twice). Why not ``jax.random.bits``: threefry
+  costs about 25 integer operations per word and did not fuse with the
+  encode, 16 ms for a 768×3072 leaf on XLA:CPU against 0.84 ms for the
+  whole nearest-rounding encode; the hash is a few operations fused into the
+  encode. It is a stream for rounding dither (uniform, independent across
+  keys and entries by any test we ran), not for cryptography. The index is
+  the entry's global one (``iota`` is partitioned like the leaf), so the
+  noise is the same on any mesh; it repeats only past ``2**32`` entries.
+  """
+  seeds = jax.random.bits(key, (2,), jnp.uint32)
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * (
+        jnp.uint32(stride % 2**32))
+    stride *= shape[axis]
+  h = _mix32(index ^ seeds[0])
+  return _mix32(h ^ seeds[1]) >> 16
+
+
 def _pack(codes: jax.Array) -> jax.Array:
   """4-bit codes (int8, signed in ``[-7, 7]`` or unsigned in ``[0, 15]``),
   two to a byte along the last axis as two's-complement nibbles (so zeros are
-  zero bytes): entry ``2i`` in the low nibble, ``2i + 1`` in the high one."""
+  zero bytes): entry ``2i`` in the low nibble, ``2i + 1`` in the high one.
+
+  Why a bitcast: a pair of bytes read as one little-endian uint16 puts entry
+  ``2i`` in its low byte, so each output byte is two shifts of one word.
+  Picking the pair's entries out of a trailing axis of 2 instead made XLA:CPU
+  compute the codes it packs without vectorizing: the 4-bit encode took 2.8
+  ms against 0.9 ms for a 768×3072 leaf.
+  """
   nibbles = codes.astype(jnp.uint8) & 0xF
   if codes.shape[-1] % 2:
     nibbles = jnp.pad(nibbles, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
-  pairs = nibbles.reshape(*codes.shape[:-1], -1, 2)
-  return pairs[..., 0] | (pairs[..., 1] << 4)
+  words = jax.lax.bitcast_convert_type(
+      nibbles.reshape(*codes.shape[:-1], -1, 2), jnp.uint16)
+  return ((words & 0xF) | ((words >> 4) & 0xF0)).astype(jnp.uint8)
 
 
 def _unpack(packed: jax.Array, m: int, signed: bool = True) -> jax.Array:
   """The codes of :func:`_pack`'s bytes (the first ``m`` of them): int8 in
   ``[-8, 7]`` if ``signed``, else uint8 in ``[0, 15]``."""
-
-  def nibble(x):  # sign-extends a two's-complement nibble if signed
-    return (x.astype(jnp.int8) ^ 8) - 8 if signed else x
-
-  codes = jnp.stack([nibble(packed & 0xF), nibble(packed >> 4)], axis=-1)
-  codes = codes.reshape(*packed.shape[:-1], -1)
+  # The inverse bitcast: one uint16 per byte, its low nibble in the low byte.
+  b = packed.astype(jnp.uint16)
+  pairs = jax.lax.bitcast_convert_type((b & 0xF) | ((b & 0xF0) << 4),
+                                       jnp.uint8)
+  codes = pairs.reshape(*packed.shape[:-1], -1)
+  if signed:  # sign-extends a two's-complement nibble
+    codes = (codes.astype(jnp.int8) ^ 8) - 8
   return codes if codes.shape[-1] == m else codes[..., :m]

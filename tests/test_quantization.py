@@ -22,7 +22,10 @@ import pytest
 
 import flora_optax
 from flora_optax import QuantizedArray
-from flora_optax._quantization import Quantizer, _unpack, make_quantizer
+from flora_optax import code_values
+from flora_optax._quantization import (Quantizer, _cubic, _cubic_levels,
+                                        _noise16, _table_levels, _unpack,
+                                        make_quantizer)
 
 BITS = (8, 4)
 MAPS = ('sqrt', 'cubic', 'normal', 'linear', 'dynamic', 'log')
@@ -114,6 +117,52 @@ def test_stochastic_rounding_is_deterministic_given_the_key():
   c = q.encode(x, jax.random.key(7))
   np.testing.assert_array_equal(a.codes, b.codes)
   assert np.any(np.asarray(a.codes) != np.asarray(c.codes))
+
+
+def test_rounding_noise_is_uniform_per_entry_and_independent_across_keys():
+  shape = (96, 1000)
+  a = np.asarray(_noise16(jax.random.key(0), shape)).ravel()
+  b = np.asarray(_noise16(jax.random.key(1), shape)).ravel()
+  assert a.min() >= 0 and a.max() < 65536
+  # 64 equal bins: chi-square with 63 degrees of freedom (mean 63, std 11).
+  counts = np.bincount(a >> 10, minlength=64)
+  expected = a.size / 64
+  assert np.sum((counts - expected) ** 2 / expected) < 63 + 6 * 11
+  # Neighbouring entries (along either axis) and two keys are uncorrelated:
+  # |r| under 5 standard errors of 0.
+  u, v = a / 65536 - 0.5, b / 65536 - 0.5
+  limit = 5 / math.sqrt(a.size)
+  grid = u.reshape(shape)
+  for x, y in ((u[:-1], u[1:]), (grid[:-1].ravel(), grid[1:].ravel()),
+               (u, v)):
+    assert abs(np.corrcoef(x, y)[0, 1]) < limit
+  # Deterministic, and the entries of a shape are those of the same flat
+  # index in another (a function of the key and the index alone).
+  np.testing.assert_array_equal(_noise16(jax.random.key(0), shape).ravel(), a)
+  np.testing.assert_array_equal(
+      _noise16(jax.random.key(0), (a.size,)), a)
+
+
+@pytest.mark.parametrize('bits', BITS)
+def test_cubic_levels_bracket_each_value_between_its_codes(bits):
+  # The computed inverse of the cubic map gives, for every u, the code just
+  # below it: decoded values v(lo) <= u < v(lo + 1) (at u = 1, lo = L).
+  levels = 2**(bits - 1) - 1
+  values = jnp.asarray(code_values('cubic', bits), jnp.float32)
+  u = jnp.concatenate([jnp.linspace(-1.0, 1.0, 100_001), values,
+                       jnp.nextafter(values, 2.0), jnp.nextafter(values, -2.0)])
+  u = jnp.clip(u, -1.0, 1.0)
+  y = _cubic_levels(u, levels)
+  lo = np.floor(np.asarray(y))
+  decoded = lambda c: np.asarray(_cubic(jnp.asarray(c / levels, jnp.float32)))
+  u = np.asarray(u)
+  # Up to float32 rounding (jit and eager may round the cubic differently
+  # by an ulp); a wrong code is off by a code step, 0.0057 or more.
+  assert np.all(decoded(lo) <= u + 1e-6)
+  assert np.all((decoded(lo + 1) > u - 1e-6) | (lo == levels))
+  # The fraction is the table's linear interpolation between the values.
+  table = np.asarray(_table_levels(u, tuple(np.asarray(values)))) - levels
+  np.testing.assert_allclose(np.asarray(y), table, atol=2e-5)
 
 
 @pytest.mark.parametrize('m', [1, 2, 15, 16, 129])
