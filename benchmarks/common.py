@@ -219,6 +219,34 @@ def compile_timed(fn: Callable, *args, **jit_kwargs):
   return compiled, memory_figures(compiled), seconds
 
 
+def flops(compiled) -> float:
+  """XLA's count of the floating-point operations of a compiled function
+  (``cost_analysis()``; NaN where the backend gives none)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return float('nan')
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', float('nan')))
+
+
+def matmul_gflops(n: int = 768, m: int = 3072, r: int = 128,
+                  repeats: int = 20) -> float:
+  """GFLOP/s of an ``(n, m) @ (m, r)`` product on the default device (the
+  median of ``repeats`` calls): the rate at which a sketch's products run."""
+  a = jnp.ones((n, m), jnp.float32)
+  b = jnp.ones((m, r), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+  jax.block_until_ready(f(a, b))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    times.append(time.perf_counter() - t0)
+  return 2 * n * m * r / statistics.median(times) / 1e9
+
+
 def interleaved_samples(fns: dict[str, Callable[[], Any]], repeats: int = 5,
                         warmup: int = 1, progress: Any = None,
                         fits: Callable[[float], bool] | None = None

@@ -15,8 +15,11 @@ Figures, all measured in one process against ``optax.adafactor(momentum=0.9)``
   modes, galore at the same ranks without its SVD refresh (its counter is
   set past the refresh step, as in :mod:`benchmarks.optimizers`), Lion, Muon
   and AdEMAMix each next to ``flora_optax.quantized(..., bits=8)`` of itself
-  (with its ratios to its float self), and flora with an ``rbg`` key if
-  flora accepts one (the error is recorded otherwise).
+  (with its ratios to its float self), ``optax.MultiSteps`` next to the
+  8-bit ``flora_optax.MultiSteps``, Adafactor's momentum and AdamW in 8 and 4
+  bits, and flora with an ``rbg`` key if flora accepts one (the error is
+  recorded otherwise). Each quantized row gets its update and compile time
+  against its float peer (issue 30).
 * **train step** of a GPT-2-sized byte-level model (12 layers, d_model 768,
   vocabulary 256, ~86M parameters; 8192 tokens a step on the accelerator),
   forward, backward, update and apply with params and state donated: time
@@ -25,7 +28,8 @@ Figures, all measured in one process against ``optax.adafactor(momentum=0.9)``
 * **projection** generation per PRNG implementation (threefry2x32, rbg,
   unsafe_rbg): drawing every projection flora's plan needs on GPT-2-small at
   rank 128, against the compress products (einsums) of the same matrices.
-* **targets** (issue 14 item 2), derived from the above: met or not.
+* **targets** (issue 14 item 2, issue 30's quantized rows), derived from
+  the above: met or not.
 * **quality** (``--sections quality``, its own run of the same budget): a
   19M-parameter byte GPT trained 2000 steps per optimizer, one shared
   learning rate, one seed; held-out loss, state bytes per parameter, steps
@@ -207,9 +211,19 @@ def quantized_name(inner: str) -> str:
   return f'quantized({inner}, bits={INNER_BITS})'
 
 
+# Issue 30: 8-bit accumulation against optax's own, k micro-steps a cycle.
+ACCUMULATION_K = 4
+ACCUMULATION = f'optax.MultiSteps(adafactor, k={ACCUMULATION_K})'
+
+
 def inner_candidates() -> list[Candidate]:
   """Each of ``INNERS`` (family ``'inner'``), then its quantized self
-  (family ``'quantized'``, ``inner`` naming the float row)."""
+  (family ``'quantized'``, ``inner`` naming the float row); then
+  ``optax.MultiSteps`` and ``flora_optax.MultiSteps(rank=None, bits=8)`` of
+  the same Adafactor, the latter with ``inner`` naming the former. Their
+  update is timed per call like every row (the state threaded through, so
+  ``k - 1`` of every ``k`` calls are micro-steps: the median is a
+  micro-step's time)."""
   out = []
   for name, make in INNERS.items():
     out.append(Candidate(name, 'inner', None, make))
@@ -217,6 +231,15 @@ def inner_candidates() -> list[Candidate]:
         quantized_name(name), 'quantized', None,
         lambda make=make: flora_optax.quantized(make(), bits=INNER_BITS),
         inner=name))
+  out.append(Candidate(ACCUMULATION, 'inner', None,
+                       lambda: optax.MultiSteps(optax.adafactor(LR),
+                                                ACCUMULATION_K)))
+  out.append(Candidate(
+      f'flora_optax.MultiSteps(adafactor, k={ACCUMULATION_K}, rank=None, '
+      'bits=8)', 'quantized', None,
+      lambda: flora_optax.MultiSteps(optax.adafactor(LR), ACCUMULATION_K,
+                                     rank=None, bits=8),
+      inner=ACCUMULATION))
   return out
 
 
@@ -300,6 +323,30 @@ def _against_inner(rows) -> None:
         if row.get('update_s') and ref.get('update_s') else None)
     row['inner_compile_ratio'] = (row['compile_s'] / ref['compile_s']
                                   if ref['compile_s'] > 0 else None)
+
+
+def _against_peer(rows) -> None:
+  """Adds to each quantized row (8 or 4 bits) its float peer's name and its
+  update and compile ratios to it (issue 30, in place): the baseline for the
+  quantized momentum, ``adamw`` for ``flora_optax.adamw(bits=...)``, the
+  float inner for ``quantized(inner)``."""
+  by = {r['optimizer']: r for r in rows}
+  for row in rows:
+    name = row['optimizer']
+    if 'bits=' not in name or 'r=' in name:
+      continue
+    peer = row.get('inner') or (
+        'adamw' if name.startswith('flora_optax.adamw') else BASELINE)
+    ref = by.get(peer)
+    if ref is None:
+      continue
+    row['peer'] = peer
+    row['bits'] = 4 if 'bits=4' in name else 8
+    row['peer_update_ratio'] = (
+        row['update_s'] / ref['update_s']
+        if row.get('update_s') and ref.get('update_s') else None)
+    row['peer_compile_ratio'] = (row['compile_s'] / ref['compile_s']
+                                 if ref['compile_s'] > 0 else None)
 
 
 # --- sections ------------------------------------------------------------------
@@ -392,6 +439,7 @@ def update_section(size: Size, budget: Budget, log) -> dict[str, Any]:
   _finish_rows(rows, samples, 'update')
   _against_baseline(rows)
   _against_inner(rows)
+  _against_peer(rows)
   return {'workload': 'gpt2-layout %dx%d vocab %d' % (
       size.update_layout[0], size.update_layout[1], size.update_layout[2]),
           'param_bytes': common.tree_bytes(shapes),
@@ -551,7 +599,15 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                 'state saved (vs its float inner; issue 28)',
                 [r for r in upd if r.get('inner')],
                 'inner_peak_saving_over_state_saved', lambda v: v >= 0.9,
-                unit='')]
+                unit=''),
+        *(_target(f'{bits}-bit updates ≤ {limit}× their float peer (momentum: '
+                  f'adafactor(m=0.9); adamw; quantized(inner): its inner; '
+                  'issue 30)', [r for r in upd if r.get('bits') == bits],
+                  'peer_update_ratio', lambda v, limit=limit: v <= limit)
+          for bits, limit in ((8, 1.05), (4, 1.2))),
+        _target('quantized update compile time ≤ 1.5× its float peer\'s '
+                '(issue 30)', [r for r in upd if r.get('peer')],
+                'peer_compile_ratio', lambda v: v <= 1.5)]
   if step:
     out += [
         _target('flora train step ≤ 1.03× adafactor(m=0.9)', flora_step,

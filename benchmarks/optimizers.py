@@ -265,7 +265,7 @@ def update_figures(cands, size: str, *, timed: bool, repeats: int,
         donate_argnums=1)
     rows.append({'workload': f'gpt2-{size}', 'optimizer': c.name,
                  'family': c.family, 'rank': c.rank, 'k': c.k,
-                 'compile_s': secs, **mem})
+                 'compile_s': secs, 'flops': common.flops(compiled), **mem})
     if timed:
       thunks[c.name] = common.Threaded(compiled, grads, state, params)
   if not timed:

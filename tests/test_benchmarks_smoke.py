@@ -153,8 +153,17 @@ def test_gpu_quick_run_writes_every_section(tmp_path):
     q = upd[gpu.quantized_name(name)]
     assert q['inner'] == name and q['inner_state_ratio'] < 0.5, q
     assert q['inner_update_ratio'] > 0 and q['inner_compile_ratio'] > 0, q
+  # Issue 30: every quantized row (momentum, AdamW, quantized(inner), 8-bit
+  # accumulation) against its float peer, judged in three targets.
+  peers = {n: r['peer'] for n, r in upd.items() if r.get('peer')}
+  assert peers['flora rank=None bits=8'] == gpu.BASELINE
+  assert peers['flora_optax.adamw(bits=4)'] == 'adamw'
+  assert gpu.ACCUMULATION in peers.values(), peers
+  assert len(peers) == 4 + len(gpu.INNERS) + 1
+  for n in peers:
+    assert upd[n]['peer_update_ratio'] > 0, upd[n]
   assert {t['met'] for t in res['targets']} <= {True, False}
-  assert len(res['targets']) == 7
+  assert len(res['targets']) == 10
 
 
 @pytest.mark.slow
@@ -303,3 +312,33 @@ def test_quantized_quick_run():
   assert list(gpu.INNERS) == list(quantized.INNERS)
   assert {r['family'] for r in res['multisteps']} >= {
       'optax.MultiSteps', 'flora.MultiSteps bits=8'}
+  # Issue 30's time targets: each quantized row against its float peer, the
+  # accumulators per call, the sketch with the time of its extra flops.
+  names = [t['target'] for t in res['targets']]
+  for q in [quantized.quantized_name(n) for n in quantized.INNERS] + [
+      'flora_optax.adamw(bits=8)', 'flora rank=None bits=4']:
+    assert any(n.startswith(f'{q}: update ≤') for n in names), q
+    assert any(n.startswith(f'{q}: ') and 'compile' in n for n in names), q
+  assert sum('per call ≤ 1.15×' in n for n in names) == 2
+  sketch = next(t for t in res['targets'] if 'update ≤ 2.0×' in t['target'])
+  assert 'GFLOP more than' in sketch['figures'], sketch
+
+
+@pytest.mark.slow
+def test_compile_layouts_quick_run():
+  from benchmarks import compile_layouts  # pylint: disable=g-import-not-at-top
+  res = compile_layouts.run(quick=True)
+  rows = {(r['layout'], r['optimizer']): r for r in res['rows']}
+  assert len(rows) == 2 * len(compile_layouts.ROWS)
+  for (layout, name), r in rows.items():
+    assert r['compile_s'] > 0 and r['hlo_lines'] > 0 and r['peak_bytes'] > 0
+    if r['peer']:
+      peer = rows[(layout, r['peer'])]
+      # Quantized states are smaller; each leaf's codec is more code.
+      assert r['state_bytes'] < 0.3 * peer['state_bytes'], r
+      assert r['hlo_ratio'] > 1 and r['compile_ratio'] > 0, r
+  # Stacking the layers leaves one leaf per block matrix: less code.
+  for name, _, _ in compile_layouts.ROWS:
+    assert (rows[('stacked layers', name)]['hlo_lines'] <
+            rows[('per-layer leaves', name)]['hlo_lines'])
+  assert '| stacked layers |' in compile_layouts.markdown(res)
