@@ -550,11 +550,21 @@ class Quantizer:
     # non-finite values instead of silently dropping them, and no other
     # block is touched. (Written inside the max, not as ``+ Σ 0·x``: a second
     # reduction made XLA:CPU materialize the block and a broadcast zero.)
-    scales = jnp.max(jnp.where(jnp.isnan(xb), jnp.inf, jnp.abs(xb)), axis=-1)
+    magnitude = jnp.where(jnp.isnan(xb), jnp.inf, jnp.abs(xb))
+    if self.signed is None:
+      # The block's absmax and its minimum (is it non-negative?) in one
+      # reduction: two made XLA:CPU read the block twice (8-bit Lion's
+      # update of a 768×3072 leaf: 3.5 against 2.9 ms).
+      scales, low = jax.lax.reduce(
+          (magnitude, xb), (jnp.float32(-jnp.inf), jnp.float32(jnp.inf)),
+          lambda a, b: (jax.lax.max(a[0], b[0]), jax.lax.min(a[1], b[1])),
+          (xb.ndim - 1,))
+    else:
+      scales = jnp.max(magnitude, axis=-1)
     # A zero block keeps scale 0 and codes 0: nothing is divided by zero.
     safe = jnp.where(scales > 0, scales, 1.0)
     if self.signed is None:
-      return self._encode_per_block(xb, scales, safe, m, fmt)
+      return self._encode_per_block(xb, scales, low, safe, m, fmt)
     u = jnp.clip(xb / safe[..., None], -1.0 if self.signed else 0.0, 1.0)
     if self.stochastic_rounding:
       if key is None:
@@ -576,13 +586,15 @@ class Quantizer:
       codes = _pack(codes)
     return QuantizedArray(codes, scales, fmt)
 
-  def _encode_per_block(self, xb, scales, safe, m, fmt) -> QuantizedArray:
+  def _encode_per_block(self, xb, scales, low, safe, m,
+                        fmt) -> QuantizedArray:
     """``signed=None``: a block with a positive and no negative entry in
     unsigned codes (its scale negated), any other block in signed codes.
-    Codes are stored as unsigned bytes (a signed code as two's complement)."""
+    Codes are stored as unsigned bytes (a signed code as two's complement);
+    ``low`` is each block's minimum."""
     if self.stochastic_rounding:
       raise ValueError('stochastic rounding needs signed or unsigned codes')
-    nonneg = (jnp.min(xb, axis=-1) >= 0) & (scales > 0) & jnp.isfinite(scales)
+    nonneg = (low >= 0) & (scales > 0) & jnp.isfinite(scales)
     u = jnp.clip(xb / safe[..., None], -1.0, 1.0)
     unsigned = jnp.clip(self._nearest(jnp.maximum(u, 0.0), signed=False),
                         0, 2**self.bits - 1)
