@@ -219,6 +219,15 @@ def compile_timed(fn: Callable, *args, **jit_kwargs):
   return compiled, memory_figures(compiled), seconds
 
 
+def hlo_ops(compiled) -> int | None:
+  """Instructions of the optimised HLO (a proxy for compile work)."""
+  try:
+    text = compiled.as_text()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return sum(1 for line in text.splitlines() if ' = ' in line)
+
+
 def flops(compiled) -> float:
   """XLA's count of the floating-point operations of a compiled function
   (``cost_analysis()``; NaN where the backend gives none)."""

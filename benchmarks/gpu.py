@@ -250,15 +250,6 @@ def step_candidates(rank: int) -> list[Candidate]:
   return sorted(common.candidates((rank,), residual=FLORA_MODES), key=first)
 
 
-def _hlo_ops(compiled) -> int | None:
-  """Instructions of the optimised HLO (a proxy for compile work)."""
-  try:
-    text = compiled.as_text()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  return sum(1 for line in text.splitlines() if ' = ' in line)
-
-
 # --- timing --------------------------------------------------------------------
 
 
@@ -432,7 +423,7 @@ def update_section(size: Size, budget: Budget, log) -> dict[str, Any]:
       continue
     longest = max(longest, secs)
     rows.append(_compiled_row(c, state, mem, secs, log,
-                              hlo_ops=_hlo_ops(compiled), inner=c.inner))
+                              hlo_ops=common.hlo_ops(compiled), inner=c.inner))
     thunks[c.name] = common.Threaded(compiled, grads, state, params)
   samples = _interleave(thunks, size.repeats, budget)
   del thunks

@@ -503,13 +503,11 @@ class Quantizer:
     probability ``(u - v_lo) / (v_hi - v_lo)`` makes the decoded value
     unbiased, ``E = u``."""
     code_map, _ = self._map(None)
-    if code_map in _ARITHMETIC_DECODE:
-      levels = 2**(self.bits - 1) - 1
-      lo = _cubic_floor(u, levels)
-      v_lo, v_hi = _cubic(lo / levels), _cubic((lo + 1) / levels)
+    if code_map in _ARITHMETIC_DECODE:  # without the fraction it discards
+      lo = _cubic_floor(u, 2**(self.bits - 1) - 1)
     else:
       lo = jnp.floor(self._to_levels(u))
-      v_lo, v_hi = self._from_levels(lo), self._from_levels(lo + 1)
+    v_lo, v_hi = self._from_levels(lo), self._from_levels(lo + 1)
     return lo, u - v_lo, v_hi - v_lo
 
   def _to_levels(self, u: jax.Array, signed: bool | None = None) -> jax.Array:

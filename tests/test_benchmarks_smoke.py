@@ -331,7 +331,7 @@ def test_compile_layouts_quick_run():
   rows = {(r['layout'], r['optimizer']): r for r in res['rows']}
   assert len(rows) == 2 * len(compile_layouts.ROWS)
   for (layout, name), r in rows.items():
-    assert r['compile_s'] > 0 and r['hlo_lines'] > 0 and r['peak_bytes'] > 0
+    assert r['compile_s'] > 0 and r['hlo_ops'] > 0 and r['peak_bytes'] > 0
     if r['peer']:
       peer = rows[(layout, r['peer'])]
       # Quantized states are smaller; each leaf's codec is more code.
@@ -339,6 +339,6 @@ def test_compile_layouts_quick_run():
       assert r['hlo_ratio'] > 1 and r['compile_ratio'] > 0, r
   # Stacking the layers leaves one leaf per block matrix: less code.
   for name, _, _ in compile_layouts.ROWS:
-    assert (rows[('stacked layers', name)]['hlo_lines'] <
-            rows[('per-layer leaves', name)]['hlo_lines'])
+    assert (rows[('stacked layers', name)]['hlo_ops'] <
+            rows[('per-layer leaves', name)]['hlo_ops'])
   assert '| stacked layers |' in compile_layouts.markdown(res)
