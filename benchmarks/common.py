@@ -211,8 +211,11 @@ def compile_timed(fn: Callable, *args, **jit_kwargs):
 
   Returns:
     ``(compiled, memory figures, compile seconds)``; the seconds cover
-    lowering and XLA compilation.
+    tracing, lowering and XLA compilation, cold: JAX's caches are cleared
+    first, so that no row reuses traces of an earlier one (flora_optax's
+    codec is traced once per shape and quantizer and then cached).
   """
+  jax.clear_caches()
   t0 = time.perf_counter()
   compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
   seconds = time.perf_counter() - t0

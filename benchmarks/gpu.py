@@ -358,14 +358,10 @@ def machine(size: Size) -> dict[str, Any]:
 
 
 def _compile(fn, *args, repeats: int = 1, **jit_kwargs):
-  """``common.compile_timed``, the fastest of ``repeats`` compilations.
-
-  JAX's in-process caches are cleared before each, so every one lowers and
-  compiles from scratch.
-  """
+  """``common.compile_timed`` (cold: it clears JAX's in-process caches), the
+  fastest of ``repeats`` compilations."""
   best = None
   for _ in range(repeats):
-    jax.clear_caches()
     out = common.compile_timed(fn, *args, **jit_kwargs)
     if best is None or out[2] < best[2]:
       best = out

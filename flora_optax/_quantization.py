@@ -540,8 +540,18 @@ class Quantizer:
     """Quantizes ``x`` (float, ``(..., m)``); ``key`` (a typed key) draws the
     stochastic-rounding noise and is required with ``stochastic_rounding``;
     ``dtype`` (default ``x``'s) is the dtype the codes decode to."""
+    if self.stochastic_rounding and key is None:
+      raise ValueError('stochastic rounding needs a key')
+    x = jnp.asarray(x)
+    return _encode(self, x, key, jnp.dtype(x.dtype if dtype is None
+                                           else dtype).name)
+
+  def _encode(self, x: jax.Array, key: jax.Array | None,
+              dtype: str) -> QuantizedArray:
+    """:meth:`encode`, traced once per quantizer, shape and dtype
+    (:func:`_encode`)."""
     m = x.shape[-1]
-    fmt = self.format(x.shape, x.dtype if dtype is None else dtype)
+    fmt = self.format(x.shape, dtype)
     xb = self._blocks(x.astype(jnp.float32))
     # A NaN counts as an infinite magnitude (XLA's max may drop a NaN): a
     # block holding a NaN or an Inf gets an infinite scale and decodes to
@@ -565,8 +575,6 @@ class Quantizer:
       return self._encode_per_block(xb, scales, low, safe, m, fmt)
     u = jnp.clip(xb / safe[..., None], -1.0 if self.signed else 0.0, 1.0)
     if self.stochastic_rounding:
-      if key is None:
-        raise ValueError('stochastic rounding needs a key')
       lo, excess, width = self._floor(u)
       # 16 random bits per entry: P(up) is resolved to 2**-16, a bias of at
       # most 2**-17 of a code step.
@@ -614,6 +622,12 @@ class Quantizer:
       shape = q.format.shape
     if dtype is None:
       dtype = q.format.dtype if q.format is not None else jnp.float32
+    return _decode(self, q, tuple(shape), jnp.dtype(dtype).name)
+
+  def _decode(self, q: QuantizedArray, shape: tuple[int, ...],
+              dtype: str) -> jax.Array:
+    """:meth:`decode`, traced once per quantizer, format, shape and dtype
+    (:func:`_decode`)."""
     m = shape[-1]
     if self.signed is None:
       raw = q.codes if self.bits == 8 else _unpack(q.codes, m, False)
@@ -629,6 +643,15 @@ class Quantizer:
     u = self._from_levels(self._blocks(codes.astype(jnp.float32)))
     x = self._unblocks(u * q.scales[..., None], m)
     return x.astype(dtype)
+
+
+# The codec as jitted functions of static quantizers: a model's many leaves of
+# one shape share one trace and one lowered function instead of one each
+# (issue 30: GPT-2 small's 8-bit AdamW traced in 0.15 instead of 0.31 s).
+# Inside an outer jit XLA inlines the calls first, so the compiled update is
+# the same program.
+_encode = jax.jit(Quantizer._encode, static_argnums=(0, 3))  # pylint: disable=protected-access
+_decode = jax.jit(Quantizer._decode, static_argnums=(0, 2, 3))  # pylint: disable=protected-access
 
 
 def decode(q: QuantizedArray, dtype: Any = None) -> jax.Array:

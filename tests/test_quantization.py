@@ -359,6 +359,33 @@ def test_one_trace_and_stable_state_types(make):
   assert len(traces) == 1
 
 
+@pytest.mark.parametrize('make', [
+    lambda: flora_optax.adamw(1e-3, bits=8, min_quantized_size=0),
+    lambda: flora_optax.quantized(optax.lion(1e-4), bits=4,
+                                  min_quantized_size=0),
+], ids=['adamw8', 'quantized-lion4'])
+def test_the_codec_is_traced_once_per_shape_and_quantizer(make):
+  # Five leaves of one shape and one of another: each (shape, quantizer)
+  # pair's encoder and decoder is one jaxpr, called once per leaf (issue 30:
+  # the codec's tracing and lowering no longer grow with the leaf count).
+  params = {f'w{i}': jnp.full((37, 259), 0.5 + i) for i in range(5)}
+  params['v'] = jnp.ones((41, 259))
+  tx = make()
+  state = tx.init(params)
+  quantized = [x for x in jax.tree.leaves(state, is_leaf=_is_quantized)
+               if _is_quantized(x)]
+  configs = {(x.shape, x.format) for x in quantized}
+  eqns = jax.make_jaxpr(tx.update)(params, state, params).eqns
+  for name in ('_encode', '_decode'):
+    calls = [e.params['jaxpr'] for e in eqns if e.params.get('name') == name]
+    assert len(calls) == len(quantized)
+    assert len({id(j) for j in calls}) == len(configs) < len(quantized)
+
+
+def _is_quantized(x):
+  return isinstance(x, QuantizedArray)
+
+
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
 def test_low_precision_params_get_updates_in_their_dtype(dtype):
   tx = flora_optax.flora(1e-2, None, bits=8, min_quantized_size=0)
