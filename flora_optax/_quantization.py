@@ -484,6 +484,12 @@ class Quantizer:
                           self.format(shape, dtype))
 
   # --- the code map ---------------------------------------------------------
+  def _one_axis(self) -> bool:
+    """Per-block signedness whose two maps are the same arithmetic map: its
+    unsigned and signed codes are one formula with per-block constants."""
+    return (self.signed is None and self.code_map == self.unsigned_map and
+            self.code_map in _ARITHMETIC)
+
   def _map(self, signed: bool | None) -> tuple[str, bool]:
     signed = self.signed if signed is None else signed
     return (self.unsigned_map if not signed and self.signed is None
@@ -602,11 +608,27 @@ class Quantizer:
       raise ValueError('stochastic rounding needs signed or unsigned codes')
     nonneg = (low >= 0) & (scales > 0) & jnp.isfinite(scales)
     u = jnp.clip(xb / safe[..., None], -1.0, 1.0)
-    unsigned = jnp.clip(self._nearest(jnp.maximum(u, 0.0), signed=False),
-                        0, 2**self.bits - 1)
     l_signed = 2**(self.bits - 1) - 1
-    signed = jnp.clip(self._nearest(u, signed=True), -l_signed, l_signed)
-    codes = jnp.where(nonneg[..., None], unsigned, signed)
+    if self._one_axis():
+      # Both maps are one axis, t·N - 1 (unsigned) or t·L (signed) with
+      # t = √|u| or |u|: one code per entry with the block's constants, not
+      # both codes and a select (fewer instructions to compile and run;
+      # the same codes: ×N is exact and rounding is symmetric).
+      nb = nonneg[..., None]
+      a = jnp.where(nb, jnp.float32(2**self.bits), jnp.float32(l_signed))
+      b = jnp.where(nb, jnp.float32(-1), jnp.float32(0))
+      top = jnp.where(nb, jnp.float32(2**self.bits - 1),
+                      jnp.float32(l_signed))
+      t = jnp.abs(u)
+      if self.code_map == 'sqrt':
+        t = jnp.sqrt(t)
+      r = jnp.clip(jnp.round(t * a + b), 0, top)
+      codes = jnp.where(u < 0, -r, r)
+    else:
+      unsigned = jnp.clip(self._nearest(jnp.maximum(u, 0.0), signed=False),
+                          0, 2**self.bits - 1)
+      signed = jnp.clip(self._nearest(u, signed=True), -l_signed, l_signed)
+      codes = jnp.where(nonneg[..., None], unsigned, signed)
     codes = self._unblocks(codes, m).astype(jnp.int32)
     if self.bits == 4:
       codes = _pack(codes)
@@ -636,8 +658,14 @@ class Quantizer:
           (raw.astype(jnp.int8) if self.bits == 8 else
            (raw.astype(jnp.int8) ^ 8) - 8).astype(jnp.float32))
       s = q.scales[..., None]
-      u = jnp.where(s < 0, self._from_levels(c_u, signed=False),
-                    self._from_levels(c_s, signed=True))
+      if self._one_axis():  # (c + 1) / N or c / L, squared with its sign
+        d = (jnp.where(s < 0, c_u + 1.0, c_s) /
+             jnp.where(s < 0, jnp.float32(2**self.bits),
+                       jnp.float32(2**(self.bits - 1) - 1)))
+        u = d * jnp.abs(d) if self.code_map == 'sqrt' else d
+      else:
+        u = jnp.where(s < 0, self._from_levels(c_u, signed=False),
+                      self._from_levels(c_s, signed=True))
       return self._unblocks(u * jnp.abs(s), m).astype(dtype)
     codes = q.codes if self.bits == 8 else _unpack(q.codes, m, self.signed)
     u = self._from_levels(self._blocks(codes.astype(jnp.float32)))

@@ -559,3 +559,43 @@ def test_code_values_are_what_the_codes_decode_to():
 def _quantization_maps(signed):
   from flora_optax import _quantization  # pylint: disable=g-import-not-at-top
   return _quantization.CODE_MAPS if signed else _quantization.UNSIGNED_CODE_MAPS
+
+
+@pytest.mark.parametrize('bits', BITS)
+@pytest.mark.parametrize('code_map,unsigned_map', [
+    ('sqrt', 'sqrt'), ('linear', 'linear'), ('sqrt', 'linear'),
+    ('cubic', 'sqrt'), ('dynamic', 'dynamic')])
+def test_per_block_codes_are_the_signed_or_unsigned_codes_of_each_block(
+    bits, code_map, unsigned_map):
+  # signed=None stores each block as the signed or the unsigned quantizer
+  # would (one formula with per-block constants when both maps are the same
+  # arithmetic map): the same bytes and |scale| block by block, the same
+  # decoded values, on non-negative, mixed, zero and non-finite blocks.
+  block = 32
+  x = jax.random.normal(jax.random.key(bits), (24, 8 * block))
+  x = x * jnp.exp(2 * jax.random.normal(jax.random.key(7), (24, 1)))
+  x = x.at[:8].set(jnp.abs(x[:8])).at[8:10].set(0.0)
+  x = x.at[10, 3].set(jnp.inf).at[11, 40].set(jnp.nan)
+  x = x.at[12, :block].set(-jnp.abs(x[12, :block]))
+  per_block, signed, unsigned = (
+      Quantizer(bits, block, m, False, 0, signed=s, unsigned_map=unsigned_map)
+      for m, s in ((code_map, None), (code_map, True),
+                   (unsigned_map, False)))
+  got, s, u = (q.encode(x) for q in (per_block, signed, unsigned))
+  is_u = np.asarray(got.scales < 0)
+  # Unsigned exactly where a block has a positive entry and no negative one.
+  xb = np.asarray(x).reshape(24, 8, block)
+  np.testing.assert_array_equal(
+      is_u, (xb.min(-1) >= 0) & (xb.max(-1) > 0) & np.isfinite(xb).all(-1))
+  np.testing.assert_array_equal(np.abs(got.scales), np.abs(s.scales))
+  per = block if bits == 8 else block // 2  # code bytes per block
+  codes = np.asarray(got.codes).reshape(24, 8, per)
+  want = np.where(is_u[..., None],
+                  np.asarray(u.codes).reshape(24, 8, per),
+                  np.asarray(s.codes).view(np.uint8).reshape(24, 8, per))
+  np.testing.assert_array_equal(codes, want)
+  want_x = np.where(np.repeat(is_u, block, -1), unsigned.decode(u),
+                    signed.decode(s))
+  # Within a rounding: XLA may order the linear map's c / L · s either way.
+  np.testing.assert_allclose(per_block.decode(got), want_x, rtol=2.5e-7,
+                             atol=0)
