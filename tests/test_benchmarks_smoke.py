@@ -342,3 +342,17 @@ def test_compile_layouts_quick_run():
     assert (rows[('stacked layers', name)]['hlo_ops'] <
             rows[('per-layer leaves', name)]['hlo_ops'])
   assert '| stacked layers |' in compile_layouts.markdown(res)
+
+
+@pytest.mark.slow
+def test_process_spread_quick_run(tmp_path):
+  from benchmarks import process_spread  # pylint: disable=g-import-not-at-top
+  res = process_spread.main(['--quick', '--out', str(tmp_path)])
+  assert res['meta']['processes'] == 1
+  assert [r['optimizer'] for r in res['rows']] == [
+      p[0] for p in process_spread.PAIRS]
+  for r in res['rows']:
+    assert r['low'] <= r['median'] <= r['high'] and r['low'] > 0, r
+    assert r['met'] == (r['median'] <= r['target'])
+  text = (tmp_path / 'process_spread.md').read_text()
+  assert '| quantized(optax.lion, bits=8) | optax.lion |' in text
