@@ -186,11 +186,14 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,
   return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
-def write_results(name: str, payload: Any, markdown: str) -> tuple[str, str]:
-  """Writes ``results/<name>.json`` and ``results/<name>.md``."""
-  os.makedirs(RESULTS_DIR, exist_ok=True)
-  jpath = os.path.join(RESULTS_DIR, f'{name}.json')
-  mpath = os.path.join(RESULTS_DIR, f'{name}.md')
+def write_results(name: str, payload: Any, markdown: str,
+                  out: str | None = None) -> tuple[str, str]:
+  """Writes ``<name>.json`` and ``<name>.md`` into ``out`` (default
+  ``results/``)."""
+  out = out or RESULTS_DIR
+  os.makedirs(out, exist_ok=True)
+  jpath = os.path.join(out, f'{name}.json')
+  mpath = os.path.join(out, f'{name}.md')
   with open(jpath, 'w') as f:
     json.dump(payload, f, indent=2, default=float)
   with open(mpath, 'w') as f:

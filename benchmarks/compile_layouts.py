@@ -26,7 +26,6 @@ Run: ``python -m benchmarks.compile_layouts [--quick]``; writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -143,14 +142,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       help='GPT-2 tiny shapes: a smoke test')
   parser.add_argument('--out', default=None, help='results folder')
   args = parser.parse_args(argv)
+  common.avoid_xla_cpu_hang()
   res = run(args.quick)
-  out = args.out or os.path.join(
-      os.path.dirname(__file__), 'results', 'quick' if args.quick else '')
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'compile_layouts.json'), 'w') as f:
-    json.dump(res, f, indent=1)
-  with open(os.path.join(out, 'compile_layouts.md'), 'w') as f:
-    f.write(markdown(res))
+  out = args.out or (os.path.join(common.RESULTS_DIR, 'quick')
+                     if args.quick else common.RESULTS_DIR)
+  common.write_results('compile_layouts', res, markdown(res), out)
   print(markdown(res))
   return res
 

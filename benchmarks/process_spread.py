@@ -142,17 +142,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                       help=argparse.SUPPRESS)  # one process's figures, JSON
   parser.add_argument('--out', default=None, help='results folder')
   args = parser.parse_args(argv)
+  common.avoid_xla_cpu_hang()  # children inherit the flags
   if args.child:
     print(json.dumps(one_process('small', args.repeats)))
     return None
   res = run(args.quick, args.processes, args.repeats)
-  out = args.out or os.path.join(
-      os.path.dirname(__file__), 'results', 'quick' if args.quick else '')
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'process_spread.json'), 'w') as f:
-    json.dump(res, f, indent=1)
-  with open(os.path.join(out, 'process_spread.md'), 'w') as f:
-    f.write(markdown(res))
+  out = args.out or (os.path.join(common.RESULTS_DIR, 'quick')
+                     if args.quick else common.RESULTS_DIR)
+  common.write_results('process_spread', res, markdown(res), out)
   print(markdown(res))
   return res
 

@@ -675,7 +675,8 @@ class Quantizer:
 
 # The codec as jitted functions of static quantizers: a model's many leaves of
 # one shape share one trace and one lowered function instead of one each
-# (issue 30: GPT-2 small's 8-bit AdamW traced in 0.15 instead of 0.31 s).
+# (issue 30: GPT-2 small's 8-bit AdamW traced and lowered in 0.34 instead of
+# 0.47 s, cold).
 # Inside an outer jit XLA inlines the calls first, so the compiled update is
 # the same program.
 _encode = jax.jit(Quantizer._encode, static_argnums=(0, 3))  # pylint: disable=protected-access
